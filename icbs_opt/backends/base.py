@@ -1,0 +1,208 @@
+"""The backend contract: declared options, ``solve(problem) -> Solution``."""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from icbs_opt.errors import BackendError, ProblemError, ProblemTooLarge
+from icbs_opt.problems import BlockProblem
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared backend option.
+
+    Attributes:
+        name: Option name, as given to ``get_backend(name, **{name: value})`` and
+            on the command line as ``--backend-option name=value``.
+        parse: Converts a value (or its command-line string) to the option's type
+            and checks it; raises ``ValueError`` with the reason when it is bad.
+        default: Value used when the option is not given.
+        help: One line for ``icbs-opt backends``.
+        kind: Short type description shown to users, e.g. ``"int >= 1"``.
+    """
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    kind: str
+
+
+def int_option(name: str, default: int, help: str, *, minimum: int = 1) -> Option:
+    """An integer option with a lower bound."""
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        number = int(value) if isinstance(value, str) else value
+        if not isinstance(number, (int, np.integer)) or number < minimum:
+            raise ValueError(f"expected an integer >= {minimum}")
+        return int(number)
+
+    return Option(name, parse, default, help, f"int >= {minimum}")
+
+
+def float_option(
+    name: str, default: float | None, help: str, *, minimum: float = 0.0
+) -> Option:
+    """A finite float option with an inclusive lower bound."""
+
+    def parse(value: Any) -> float:
+        number = float(value)
+        if not np.isfinite(number) or number < minimum:
+            raise ValueError(f"expected a finite number >= {minimum:g}")
+        return number
+
+    return Option(name, parse, default, help, f"float >= {minimum:g}")
+
+
+def choice_option(name: str, choices: Sequence[str], default: str, help: str) -> Option:
+    """A string option taking one of ``choices``."""
+
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}")
+        return str(value)
+
+    return Option(name, parse, default, help, " | ".join(choices))
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A backend's answer to a :class:`BlockProblem`.
+
+    Attributes:
+        x: The 0/1 vector (``int8``) of length n.
+        energy: ``x^T Q x`` recomputed on the problem.
+        feasible: Whether x has exactly k ones.
+        seconds: Wall time of the solve.
+        info: Backend-specific details. Penalty-based backends report
+            ``raw_feasible_fraction`` (feasible share of raw samples, before repair).
+    """
+
+    x: np.ndarray
+    energy: float
+    feasible: bool
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dictionary."""
+        return {
+            "energy": self.energy,
+            "feasible": self.feasible,
+            "seconds": self.seconds,
+            "x": [int(v) for v in self.x],
+            "info": self.info,
+        }
+
+
+class Backend(abc.ABC):
+    """A solver for block problems.
+
+    Subclasses set ``name``, ``options`` and optionally ``max_n``, and implement
+    :meth:`_solve`. The base class validates options, the problem size and the warm
+    start, times the call and recomputes energy and feasibility.
+
+    Args:
+        **options: Values for the declared options; others raise ``BackendError``.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: Largest number of variables this backend takes (``None``: no limit).
+    max_n: ClassVar[int | None] = None
+
+    def __init__(self, **options: Any):
+        declared = {opt.name: opt for opt in self.options}
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            known = ", ".join(declared) or "none"
+            raise BackendError(
+                f"unknown option {unknown[0]!r} for backend {self.name!r}; "
+                f"its options are: {known}"
+            )
+        self._params: dict[str, Any] = {}
+        for opt in self.options:
+            value = options.get(opt.name, opt.default)
+            if opt.name in options and value is not None:
+                try:
+                    value = opt.parse(value)
+                except (TypeError, ValueError) as exc:
+                    raise BackendError(
+                        f"option {opt.name!r} of backend {self.name!r} got "
+                        f"{value!r}: {exc}"
+                    ) from exc
+            self._params[opt.name] = value
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The option values this backend runs with."""
+        return dict(self._params)
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """Static facts about the backend (its name and size limit)."""
+        return {"name": self.name, "max_n": self.size_limit()}
+
+    def size_limit(self) -> int | None:
+        """Largest n this configured backend takes (``None``: no limit)."""
+        return self.max_n
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run here, as one sentence; ``None`` if it can."""
+        return None
+
+    def solve(
+        self, problem: BlockProblem, *, seed: int | None = None, x0: Any = None
+    ) -> Solution:
+        """Solve ``problem``.
+
+        Args:
+            problem: The block problem.
+            seed: Seed for every random choice; the same seed gives the same answer.
+            x0: Optional feasible warm start (exactly k ones), e.g. the current mask.
+
+        Returns:
+            The best answer found, feasible for every built-in backend.
+
+        Raises:
+            ProblemTooLarge: If n exceeds :meth:`size_limit`.
+            ProblemError: If ``x0`` is not a feasible point of the problem.
+        """
+        if not isinstance(problem, BlockProblem):
+            raise ProblemError(f"expected a BlockProblem, got {type(problem).__name__}")
+        limit = self.size_limit()
+        if limit is not None and problem.n > limit:
+            raise ProblemTooLarge(
+                f"backend {self.name!r} takes at most n = {limit} variables, got "
+                f"n = {problem.n}; use a smaller block size (--block-size {limit})"
+            )
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        ):
+            raise ProblemError(f"seed must be a non-negative integer, got {seed!r}")
+        if x0 is not None:
+            x0 = problem.decode(x0)
+            if int(x0.sum()) != problem.k:
+                raise ProblemError(
+                    f"x0 must have exactly k = {problem.k} ones, got {int(x0.sum())}"
+                )
+        start = time.perf_counter()
+        x, info = self._solve(problem, seed=seed, x0=x0)
+        seconds = time.perf_counter() - start
+        x = problem.decode(x)
+        return Solution(x, problem.energy(x), problem.is_feasible(x), seconds, info)
+
+    @abc.abstractmethod
+    def _solve(
+        self, problem: BlockProblem, *, seed: int | None, x0: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Return the answer (0/1 vector) and the info dictionary."""
