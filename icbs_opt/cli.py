@@ -1,0 +1,166 @@
+"""The ``icbs-opt`` command line.
+
+Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_cmd_<name>(args) -> int``.
+Errors of the library (bad input, unknown names, unavailable backends, missing
+files) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from icbs_opt.backends import available_backends, backend_class, get_backend
+from icbs_opt.errors import (
+    BackendError,
+    BackendUnavailable,
+    DataError,
+    ProblemError,
+    PruningError,
+)
+from icbs_opt.problems import BlockProblem
+
+#: Exceptions reported as one line with exit status 2.
+USER_ERRORS = (
+    BackendError,
+    BackendUnavailable,
+    DataError,
+    ProblemError,
+    PruningError,
+    OSError,
+)
+
+
+def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    """Turn ``["a=1", "b=x"]`` into ``{"a": "1", "b": "x"}``.
+
+    Raises:
+        BackendError: For an item without ``=``.
+    """
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BackendError(f"{flag} expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _add_backend_option_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a backend option (repeatable); see `icbs-opt backends`",
+    )
+
+
+# ------------------------------------------------------------------- backends
+def _add_backends(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backends", help="list solver backends, their status and options")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_backends)
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    rows = []
+    for name, reason in available_backends().items():
+        cls = backend_class(name)
+        rows.append(
+            {
+                "name": name,
+                "available": reason is None,
+                "reason": reason,
+                "max_n": cls().size_limit(),
+                "options": [
+                    {"name": o.name, "kind": o.kind, "default": o.default, "help": o.help}
+                    for o in cls.options
+                ],
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        status = "available" if row["available"] else f"unavailable: {row['reason']}"
+        limit = f", n <= {row['max_n']}" if row["max_n"] is not None else ""
+        print(f"{row['name']}  ({status}{limit})")
+        for o in row["options"]:
+            print(f"    {o['name']} [{o['kind']}] = {o['default']!r}  {o['help']}")
+    return 0
+
+
+# ---------------------------------------------------------------------- solve
+def _add_solve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("solve", help="solve one block problem file (.npz or UBQP text)")
+    p.add_argument("file", help="problem file: .npz (arrays Q, k) or UBQP text")
+    p.add_argument("--backend", default="native", help="backend name (default native)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--k", type=int, default=None, help="override the file's k")
+    _add_backend_option_flag(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_solve)
+
+
+def _cmd_solve(args: argparse.Namespace) -> int:
+    problem = BlockProblem.load(args.file, k=args.k)
+    options = parse_key_values(args.backend_option, "--backend-option")
+    backend = get_backend(args.backend, **options)
+    sol = backend.solve(problem, seed=args.seed)
+    if args.json:
+        record = {"backend": args.backend, "n": problem.n, "k": problem.k}
+        print(json.dumps({**record, **sol.to_dict()}, default=_json_default))
+        return 0
+    print(
+        f"backend {args.backend}: n = {problem.n}, k = {problem.k}, "
+        f"energy = {sol.energy:.10g}, feasible = {sol.feasible}, "
+        f"{sol.seconds:.4f} s"
+    )
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    """JSON fallback for numpy scalars and arrays in ``info``."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# ----------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``icbs-opt`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="icbs-opt",
+        description="Prune neural networks with iCBS and compare block-QUBO solvers.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_backends, _add_solve):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"icbs-opt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icbs-opt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
