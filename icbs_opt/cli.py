@@ -130,6 +130,99 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+# -------------------------------------------------------------------- compare
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="run several backends on block problems and compare them"
+    )
+    p.add_argument(
+        "--problems",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="problem files and/or folders of .npz/.ubqp files",
+    )
+    p.add_argument(
+        "--backends",
+        required=True,
+        help="comma-separated backend names, e.g. native,neal,exhaustive",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="runs per problem (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument(
+        "--backend-option",
+        action="append",
+        metavar="NAME.KEY=VALUE",
+        help="an option for one backend, e.g. neal.num_reads=20 (repeatable)",
+    )
+    p.add_argument("--json", metavar="FILE", help="write the summary and runs as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write one row per run as CSV")
+    p.add_argument("--plot", metavar="FILE.png", help="plot gap and time against n")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from icbs_opt import compare as cmp
+
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    per_backend: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in parse_key_values(args.backend_option, "--backend-option").items():
+        bname, dot, option = key.partition(".")
+        if not dot or bname not in per_backend:
+            raise BackendError(
+                f"--backend-option expects NAME.key=value with NAME one of "
+                f"{', '.join(names)}, got {key!r}"
+            )
+        per_backend[bname][option] = value
+    backends = {n: get_backend(n, **opts) for n, opts in per_backend.items()}
+    problems, unreadable = cmp.load_problems(cmp.find_problem_files(args.problems))
+    total = len(problems) * len(backends) * args.repeats
+    with tqdm(total=total, desc="compare", unit="run") as bar:
+
+        def advance(run: cmp.Run) -> None:
+            skipped = args.repeats - run.repeat if run.status == "skipped" else 1
+            bar.update(skipped)
+
+        result = cmp.compare(
+            problems,
+            backends,
+            repeats=args.repeats,
+            seed=args.seed,
+            unreadable=unreadable,
+            progress=advance,
+        )
+    print(
+        f"{len(problems)} problems ({len(unreadable)} unreadable, skipped), "
+        f"{args.repeats} repeat(s) per backend"
+    )
+    header = ("backend", "runs", "skipped", "mean gap", "median gap", "feasible",
+              "success", "mean s")
+    print("  ".join(f"{h:>11}" for h in header))
+    for row in result.summary():
+        cells = [row["backend"], row["runs"], row["skipped"], row["mean_gap"],
+                 row["median_gap"], row["feasible_fraction"], row["success_rate"],
+                 row["mean_seconds"]]
+        print("  ".join(_cell(c) for c in cells))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result.to_dict(), f, indent=2, default=_json_default)
+    if args.csv:
+        result.write_csv(args.csv)
+    if args.plot:
+        result.plot(args.plot)
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return f"{'-':>11}"
+    if isinstance(value, float):
+        return f"{value:>11.4g}"
+    return f"{value!s:>11}"
+
+
 # ----------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``icbs-opt`` argument parser with every subcommand."""
@@ -141,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_backends, _add_solve):
+    for add in (_add_backends, _add_solve, _add_compare):
         add(sub)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -301,6 +302,8 @@ class BlockProblem:
 
     @classmethod
     def _load_npz(cls, path: str, k: int | None) -> BlockProblem:
+        if not zipfile.is_zipfile(path):
+            raise ProblemError(f"cannot read problem file {path!r}: not an .npz archive")
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}

@@ -1,0 +1,232 @@
+"""Compare backends on a set of block problems (e.g. harvested from a pruning run).
+
+For each problem the *best known* energy is the lowest energy any run reached (an
+exhaustive run makes it the exact optimum). A run's relative gap is
+``(E - E_best) / max(|E_best|, 1e-12)``; a run *succeeds* when its energy is within
+``1e-9`` (relative) of the best known.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icbs_opt.backends import Backend
+from icbs_opt.errors import ProblemError, ProblemTooLarge
+from icbs_opt.problems import BlockProblem
+
+logger = logging.getLogger(__name__)
+
+#: File suffixes read as problems when a folder is given.
+PROBLEM_SUFFIXES = (".npz", ".ubqp", ".qubo")
+_SUCCESS_RTOL = 1e-9
+
+
+@dataclass
+class Run:
+    """One backend run on one problem (or a skipped pair)."""
+
+    problem: str
+    n: int
+    k: int
+    backend: str
+    repeat: int
+    seed: int
+    status: str  # "ok" or "skipped"
+    energy: float | None = None
+    feasible: bool | None = None
+    seconds: float | None = None
+    raw_feasible_fraction: float | None = None
+    gap: float | None = None
+    success: bool | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Comparison:
+    """The outcome of :func:`compare`."""
+
+    problems: list[str]
+    runs: list[Run]
+    unreadable: dict[str, str] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per-backend aggregates over the runs that were not skipped."""
+        rows = []
+        for name in dict.fromkeys(r.backend for r in self.runs):
+            mine = [r for r in self.runs if r.backend == name]
+            ok = [r for r in mine if r.status == "ok"]
+            fractions = [
+                r.raw_feasible_fraction for r in ok if r.raw_feasible_fraction is not None
+            ]
+            gaps = [r.gap for r in ok if r.gap is not None]
+            rows.append(
+                {
+                    "backend": name,
+                    "runs": len(ok),
+                    "skipped": len(mine) - len(ok),
+                    "mean_gap": statistics.fmean(gaps) if gaps else None,
+                    "median_gap": statistics.median(gaps) if gaps else None,
+                    "feasible_fraction": (
+                        statistics.fmean(fractions) if fractions else None
+                    ),
+                    "success_rate": (
+                        statistics.fmean(float(r.success) for r in ok) if ok else None
+                    ),
+                    "mean_seconds": (
+                        statistics.fmean(r.seconds for r in ok) if ok else None
+                    ),
+                }
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document written by ``icbs-opt compare --json``."""
+        return {
+            "problems": len(self.problems),
+            "backends": self.summary(),
+            "runs": [asdict(r) for r in self.runs],
+            "unreadable": self.unreadable,
+        }
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """Write one row per run."""
+        names = list(Run.__dataclass_fields__)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=names)
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in self.runs)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Save a figure of relative gap and seconds against n, per backend."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_gap, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
+        for name in dict.fromkeys(r.backend for r in self.runs):
+            ok = [r for r in self.runs if r.backend == name and r.status == "ok"]
+            if not ok:
+                continue
+            ns = sorted({r.n for r in ok})
+            gap = [statistics.fmean(r.gap for r in ok if r.n == n) for n in ns]
+            sec = [statistics.fmean(r.seconds for r in ok if r.n == n) for n in ns]
+            ax_gap.plot(ns, gap, "o-", label=name)
+            ax_time.plot(ns, sec, "o-", label=name)
+        ax_gap.set(xlabel="n", ylabel="mean relative gap to best known", xscale="log")
+        ax_gap.set_yscale("symlog", linthresh=1e-6)
+        ax_gap.set_ylim(bottom=0)
+        ax_time.set(xlabel="n", ylabel="mean seconds per solve", xscale="log")
+        ax_time.set_yscale("log")
+        ax_gap.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def find_problem_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand folders into their problem files (sorted); keep files as given.
+
+    Raises:
+        ProblemError: If a path does not exist or nothing is found.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix in PROBLEM_SUFFIXES)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ProblemError(f"no such problem file or folder: {str(path)!r}")
+    if not files:
+        raise ProblemError(f"no problem files ({', '.join(PROBLEM_SUFFIXES)}) found")
+    return files
+
+
+def load_problems(
+    files: Iterable[Path],
+) -> tuple[dict[str, BlockProblem], dict[str, str]]:
+    """Read problem files; return ``(name -> problem, name -> error)``."""
+    problems: dict[str, BlockProblem] = {}
+    errors: dict[str, str] = {}
+    for path in files:
+        try:
+            problems[str(path)] = BlockProblem.load(path)
+        except ProblemError as exc:
+            logger.warning("skipping unreadable problem: %s", exc)
+            errors[str(path)] = str(exc)
+    return problems, errors
+
+
+def run_seed(seed: int, problem_index: int, repeat: int) -> int:
+    """The seed of one run, shared by all backends for a fair comparison."""
+    return int(np.random.SeedSequence([seed, problem_index, repeat]).generate_state(1)[0])
+
+
+def compare(
+    problems: Mapping[str, BlockProblem],
+    backends: Mapping[str, Backend],
+    *,
+    repeats: int = 1,
+    seed: int = 0,
+    unreadable: Mapping[str, str] | None = None,
+    progress: Callable[[Run], None] | None = None,
+) -> Comparison:
+    """Run every backend ``repeats`` times on every problem.
+
+    Args:
+        problems: Problems by name.
+        backends: Configured backends by name.
+        repeats: Runs per (problem, backend); run ``r`` on problem ``i`` uses seed
+            ``run_seed(seed, i, r)`` for every backend.
+        seed: Base seed.
+        unreadable: Files that could not be read, carried into the result.
+        progress: Called after every run (e.g. to advance a progress bar).
+
+    Returns:
+        The runs, with gaps and successes filled in against the best known energy.
+    """
+    if repeats < 1:
+        raise ProblemError(f"repeats must be >= 1, got {repeats}")
+    runs: list[Run] = []
+    for index, (pname, problem) in enumerate(problems.items()):
+        for bname, backend in backends.items():
+            for r in range(repeats):
+                s = run_seed(seed, index, r)
+                run = Run(pname, problem.n, problem.k, bname, r, s, "ok")
+                try:
+                    sol = backend.solve(problem, seed=s)
+                except ProblemTooLarge as exc:
+                    run.status, run.reason = "skipped", str(exc)
+                else:
+                    run.energy, run.feasible = sol.energy, sol.feasible
+                    run.seconds = sol.seconds
+                    run.raw_feasible_fraction = sol.info.get("raw_feasible_fraction")
+                runs.append(run)
+                if progress is not None:
+                    progress(run)
+                if run.status == "skipped":
+                    break
+    best: dict[str, float] = {}
+    for run in runs:
+        if run.status == "ok" and run.feasible:
+            best[run.problem] = min(best.get(run.problem, np.inf), run.energy)
+    for run in runs:
+        if run.status == "ok" and run.problem in best:
+            ref = best[run.problem]
+            run.gap = (run.energy - ref) / max(abs(ref), 1e-12) if run.feasible else None
+            run.success = bool(
+                run.feasible and run.energy <= ref + _SUCCESS_RTOL * max(abs(ref), 1.0)
+            )
+    return Comparison(list(problems), runs, dict(unreadable or {}), best)

@@ -1,0 +1,105 @@
+import csv
+import json
+
+import pytest
+
+from icbs_opt.backends import get_backend
+from icbs_opt.cli import main
+from icbs_opt.compare import compare, find_problem_files, load_problems, run_seed
+from icbs_opt.errors import ProblemError
+from icbs_opt.problems import BlockProblem, random_problem
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for i, n in enumerate((6, 8, 10)):
+        random_problem(n, n // 2, seed=i).save(tmp_path / f"p{i}.npz")
+    random_problem(26, 13, seed=9).save(tmp_path / "large.npz")
+    (tmp_path / "broken.npz").write_text("not an archive")
+    (tmp_path / "notes.md").write_text("ignored: not a problem suffix")
+    return tmp_path
+
+
+def test_exact_optima_unreadable_and_skipped(folder):
+    problems, unreadable = load_problems(find_problem_files([folder]))
+    assert len(problems) == 4 and list(unreadable) == [str(folder / "broken.npz")]
+    backends = {"exhaustive": get_backend("exhaustive"), "neal": get_backend("neal")}
+    result = compare(problems, backends, repeats=2, seed=3, unreadable=unreadable)
+    rows = {r["backend"]: r for r in result.summary()}
+    assert rows["exhaustive"]["mean_gap"] == 0.0
+    assert rows["exhaustive"]["success_rate"] == 1.0
+    assert rows["exhaustive"]["runs"] == 6 and rows["exhaustive"]["skipped"] == 1
+    assert rows["neal"]["runs"] == 8 and rows["neal"]["skipped"] == 0
+    assert 0 <= rows["neal"]["feasible_fraction"] <= 1
+    assert rows["exhaustive"]["feasible_fraction"] is None
+    for run in result.runs:
+        if run.status == "ok":
+            assert run.gap >= 0
+    skipped = [r for r in result.runs if r.status == "skipped"]
+    assert len(skipped) == 1 and "at most n = 24" in skipped[0].reason
+    # exhaustive's energy is the best known wherever it ran
+    for name, problem in problems.items():
+        if problem.n <= 24:
+            exact = get_backend("exhaustive").solve(problem).energy
+            assert result.best[name] == pytest.approx(exact)
+
+
+def test_seeds_are_shared_and_reproducible():
+    assert run_seed(0, 1, 2) == run_seed(0, 1, 2) != run_seed(0, 1, 3)
+    problems = {"a": random_problem(12, 6, seed=1)}
+    backends = {"neal": get_backend("neal", num_reads=2, num_sweeps=50)}
+    first = compare(problems, backends, repeats=2, seed=5)
+    second = compare(problems, backends, repeats=2, seed=5)
+    assert [r.energy for r in first.runs] == [r.energy for r in second.runs]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ProblemError, match="no such problem file or folder"):
+        find_problem_files([tmp_path / "missing"])
+    with pytest.raises(ProblemError, match="no problem files"):
+        find_problem_files([tmp_path])
+    with pytest.raises(ProblemError, match="repeats must be >= 1, got 0"):
+        compare({}, {}, repeats=0)
+
+
+def test_cli_outputs(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [
+        "compare", "--problems", str(folder), "--backends", "exhaustive,neal",
+        "--backend-option", "neal.num_reads=3", "--seed", "1",
+        "--json", str(out / "c.json"), "--csv", str(out / "c.csv"),
+        "--plot", str(out / "c.png"),
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "4 problems (1 unreadable, skipped)" in text
+    doc = json.loads((out / "c.json").read_text())
+    assert doc["problems"] == 4
+    assert {b["backend"] for b in doc["backends"]} == {"exhaustive", "neal"}
+    for row in doc["backends"]:
+        assert set(row) >= {
+            "backend", "mean_gap", "median_gap", "feasible_fraction",
+            "success_rate", "mean_seconds",
+        }
+    assert len(doc["runs"]) == 4 + 4  # exhaustive: three runs and one skipped
+    with open(out / "c.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {"problem", "backend", "energy", "gap"} <= set(rows[0])
+    assert (out / "c.png").stat().st_size > 1000
+
+
+def test_cli_errors(folder, capsys):
+    argv = ["compare", "--problems", str(folder), "--backends", "exhaustive"]
+    assert main([*argv, "--backend-option", "neal.num_reads=3"]) == 2
+    assert "NAME one of exhaustive" in capsys.readouterr().err
+    assert main(["compare", "--problems", str(folder), "--backends", "nope"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_harvest_style_meta_round_trip(tmp_path):
+    meta = {"x_cur": [1, 0, 1, 0], "layer": "fc1", "step": 7, "scale": 2.5}
+    p = BlockProblem(random_problem(4, 2, seed=0).Q, 2, meta=meta)
+    p.save(tmp_path / "h.npz")
+    q = BlockProblem.load(tmp_path / "h.npz")
+    assert q.meta["x_cur"].tolist() == [1, 0, 1, 0] and q.meta["layer"] == "fc1"
