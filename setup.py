@@ -37,6 +37,7 @@ setup(
         Extension(
             "icbs_opt._native",
             sources=["native/sa.c", "native/module.c"],
+            depends=["native/sa.h"],  # rebuild on header changes; ships in the sdist
             include_dirs=["native", np.get_include()],
             extra_compile_args=["-O3", "-std=c99", *compile_omp],
             extra_link_args=link_omp,

@@ -1,4 +1,4 @@
-"""Compare backends on a set of block problems (e.g. harvested from a pruning run).
+"""Harvest block problems from pruning runs and compare backends on them.
 
 For each problem the *best known* energy is the lowest energy any run reached (an
 exhaustive run makes it the exact optimum). A run's relative gap is
@@ -132,6 +132,45 @@ class Comparison:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+class Harvester:
+    """A ``Pruner`` problem hook that saves every block problem to a folder.
+
+    Each step's problem is written as ``step{step:05d}_{layer}.npz`` holding the
+    problem as the solver sees it (``Q`` scaled by ``scale``, ``|Q| <= 1e-12``
+    cut), ``k``, the block's current mask ``x_cur`` (1 = pruned), ``layer``,
+    ``step``, ``scale``, ``const`` and ``task``.
+
+    Args:
+        directory: Folder to write to (created when missing).
+        task: Task name stored with each problem.
+
+    Example:
+        >>> import tempfile
+        >>> from icbs_opt.problems import BlockProblem
+        >>> folder = tempfile.mkdtemp()
+        >>> hook = Harvester(folder, task="demo")
+        >>> hook(BlockProblem([[1.0, 0.5], [0.5, -1.0]], 1,
+        ...                   meta={"layer": "fc", "step": 1, "x_cur": [1, 0]}))
+        >>> sorted(os.listdir(folder))
+        ['step00001_fc.npz']
+    """
+
+    def __init__(self, directory: str | os.PathLike, task: str = ""):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.task = task
+        self.files: list[Path] = []
+
+    def __call__(self, problem: BlockProblem) -> None:
+        """Save ``problem`` (its meta must hold ``layer`` and ``step``)."""
+        scaled, scale = problem.scaled()
+        meta = {**problem.meta, "scale": scale, "task": self.task}
+        meta["x_cur"] = np.asarray(meta.get("x_cur", []), dtype=np.int8)
+        path = self.directory / f"step{int(meta['step']):05d}_{meta['layer']}.npz"
+        BlockProblem(scaled.Q, scaled.k, meta=meta).save(path)
+        self.files.append(path)
 
 
 def find_problem_files(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from icbs_opt.backends import get_backend
@@ -103,3 +104,61 @@ def test_harvest_style_meta_round_trip(tmp_path):
     p.save(tmp_path / "h.npz")
     q = BlockProblem.load(tmp_path / "h.npz")
     assert q.meta["x_cur"].tolist() == [1, 0, 1, 0] and q.meta["layer"] == "fc1"
+
+
+def test_harvest_reloads_identical_problems(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from icbs_opt.compare import Harvester
+    from icbs_opt.pruning import Pruner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    seen = []
+    harvest = Harvester(tmp_path / "blocks", task="tiny")
+
+    def hook(problem):
+        seen.append(problem)
+        harvest(problem)
+
+    pruner = Pruner(
+        model, lambda m, a, b: F.cross_entropy(m(a), b), 0.5, backend="exhaustive",
+        block_size=8, problem_hook=hook, seed=1,
+    )
+    for _ in range(4):
+        pruner.step(X, y)
+    files = sorted((tmp_path / "blocks").iterdir())
+    assert [f.name for f in files] == [p.name for p in harvest.files]
+    assert len(files) == 4
+    for original, path in zip(seen, harvest.files):
+        loaded = BlockProblem.load(path)
+        scaled, scale = original.scaled()
+        assert np.array_equal(loaded.Q, scaled.Q) and loaded.k == original.k
+        meta = loaded.meta
+        assert meta["task"] == "tiny" and meta["scale"] == scale
+        assert meta["layer"] == original.meta["layer"]
+        assert meta["step"] == original.meta["step"]
+        assert meta["x_cur"].tolist() == list(original.meta["x_cur"])
+        assert loaded.is_feasible(meta["x_cur"])
+        # the current mask predicts no change: scale * const + x_cur^T Q x_cur = 0
+        dl = loaded.energy(meta["x_cur"]) + scale * meta["const"]
+        assert dl == pytest.approx(0.0, abs=1e-9 * max(1.0, abs(scale * meta["const"])))
+
+
+def test_cli_prune_harvest(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICBS_OPT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "blocks"
+    argv = [
+        "prune", "--task", "digits-mlp", "--steps", "3", "--block-size", "10",
+        "--backend", "exhaustive", "--harvest", str(out), "--no-progress",
+    ]
+    assert main(argv) == 0
+    files = sorted(out.glob("*.npz"))
+    assert len(files) == 3
+    problems, unreadable = load_problems(files)
+    assert not unreadable
+    assert all(p.n == 10 and p.k == 5 for p in problems.values())

@@ -71,11 +71,18 @@ def registered_backends() -> list[str]:
 
 
 def _register_builtins() -> None:
+    from icbs_opt.backends.braket import BraketBackend, BraketLocalBackend
     from icbs_opt.backends.exhaustive import ExhaustiveBackend
     from icbs_opt.backends.native import NativeBackend
     from icbs_opt.backends.neal import NealBackend
 
-    for cls in (NativeBackend, NealBackend, ExhaustiveBackend):
+    for cls in (
+        NativeBackend,
+        NealBackend,
+        ExhaustiveBackend,
+        BraketLocalBackend,
+        BraketBackend,
+    ):
         register_backend(cls.name, cls)
 
 

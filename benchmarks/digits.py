@@ -1,0 +1,126 @@
+"""Digits pruning benchmark: the figures of docs/benchmarks.md, "Digits pruning".
+
+Runs the issue's recipe (digits-mlp, density 0.1, 300 steps of block 256, the
+paper's classifier settings) from magnitude, wanda and gradient inits to
+``--steps`` steps, evaluating every ``--eval-every`` steps, and prints:
+the accuracy-vs-steps curve per init, the time to reach each point (pruning only,
+evaluations excluded), and the mean per-step time split.
+
+    python benchmarks/digits.py                       # the full table, native
+    python benchmarks/digits.py --steps 300 --inits magnitude --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from icbs_opt.pruning import PAPER_CLASSIFIER_SETTINGS, Pruner, prune
+from icbs_opt.tasks import get_task
+
+PHASES = (
+    "forward_backward",
+    "select",
+    "gradient",
+    "hessian",
+    "q_build",
+    "solve",
+    "total",
+)
+
+
+def run(init: str, seed: int, args: argparse.Namespace) -> dict:
+    task = get_task("digits-mlp")
+    dense = task.evaluate(task.model)["metric"]
+    start = time.perf_counter()
+    pruner = Pruner(
+        task.model,
+        task.loss_fn,
+        args.density,
+        args.backend,
+        calibration=task.calibration,
+        block_size=args.block_size,
+        init=init,
+        seed=seed,
+        **PAPER_CLASSIFIER_SETTINGS,
+    )
+    init_seconds = time.perf_counter() - start
+    result = prune(
+        pruner,
+        task.batches(seed),
+        args.steps,
+        evaluate=task.evaluate,
+        eval_every=args.eval_every,
+    )
+    split = {
+        p: 1000 * float(np.mean([getattr(r.seconds, p) for r in result.records]))
+        for p in PHASES
+    }
+    return {
+        "init": init,
+        "seed": seed,
+        "dense": dense,
+        "init_seconds": init_seconds,
+        "history": result.history,
+        "accepted": result.accepted,
+        "ms_per_step": split,
+        "density": pruner.density(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="native")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--inits", default="magnitude,wanda,gradient")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write all runs to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = [
+        run(init, int(seed), args)
+        for init in args.inits.split(",")
+        for seed in args.seeds.split(",")
+    ]
+    print(
+        f"dense accuracy {runs[0]['dense']:.2f}%, backend {args.backend}, "
+        f"{args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "\n| init | seed | "
+        + " | ".join(f"{h['step']}" for h in runs[0]["history"])
+        + " |"
+    )
+    print("|---|---|" + "---|" * len(runs[0]["history"]))
+    for r in runs:
+        cells = [f"{h['metric']:.2f}" for h in r["history"]]
+        print(f"| {r['init']} | {r['seed']} | " + " | ".join(cells) + " |")
+    print("\nseconds of pruning (init + steps, evaluations excluded) at each point:")
+    for r in runs:
+        cells = [f"{r['init_seconds'] + h['seconds']:.1f}" for h in r["history"]]
+        print(f"| {r['init']} | {r['seed']} | " + " | ".join(cells) + " |")
+    print("\n| init | seed | accepted | " + " | ".join(PHASES) + " (ms/step) |")
+    print("|---|---|---|" + "---|" * len(PHASES))
+    for r in runs:
+        cells = [f"{r['ms_per_step'][p]:.1f}" for p in PHASES]
+        print(
+            f"| {r['init']} | {r['seed']} | {r['accepted']}/{args.steps} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "runs": runs}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

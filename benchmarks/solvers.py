@@ -1,0 +1,223 @@
+"""Solvers on realistic iCBS blocks: native SA, neal (penalty BQM) and exhaustive.
+
+Builds digits-MLP blocks with ``blocks.digits_blocks`` (k = n // 2) and prints three
+tables for ``docs/benchmarks.md``:
+
+1. Default options, per n: energy and seconds of each backend, the gap of neal to
+   native, neal's raw feasible fraction (reads with exactly k ones before repair),
+   and, for n <= 20 where exhaustive runs, whether native hit the optimum. Small
+   sizes get several blocks (``--small-blocks``).
+2. Equal total sweeps: neal gets as many sweeps, over all its reads and penalty
+   strengths, as native used (its restarts stop early), and then as many as
+   native's whole schedule budget (restarts x betas x sweeps per beta). A sweep is
+   n proposals for both: swaps for native, single flips for neal.
+3. Native timing: median and best wall seconds, and median CPU seconds (all
+   threads), over ``--repeats`` seeds for the auto (default) and fixed reference
+   schedules, on 1 and on all threads. On a shared machine the CPU seconds of the
+   one-thread runs show the cost without the other jobs' interference.
+
+Usage::
+
+    python benchmarks/solvers.py                       # the figures in the docs
+    python benchmarks/solvers.py --sizes 16 256 --neal-max-n 256 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from blocks import digits_blocks  # noqa: E402
+
+from icbs_opt import _native  # noqa: E402
+from icbs_opt.backends import Solution, get_backend  # noqa: E402
+from icbs_opt.problems import BlockProblem  # noqa: E402
+
+EXHAUSTIVE_MAX_N = 20
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            names = [
+                line.split(":", 1)[1].strip() for line in f if "model name" in line
+            ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"OpenMP {'on' if _native.openmp else 'off'} "
+        f"({_native.max_threads()} threads); load average {load}"
+    )
+
+
+def default_table(problems: list[BlockProblem], neal_max_n: int, seed: int) -> None:
+    print("\n## Default options (native: auto schedule, 10 restarts; neal: penalty")
+    print("## auto, 10 reads x 1000 sweeps per strength)\n")
+    print(
+        "| n | k | native E | native s | neal E | neal s | neal - native | "
+        "neal raw feasible | exhaustive E | exhaustive s | native optimal |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for p in problems:
+        nat = get_backend("native").solve(p, seed=seed)
+        row = [str(p.n), str(p.k), f"{nat.energy:.4f}", f"{nat.seconds:.4f}"]
+        if p.n <= neal_max_n:
+            neal = get_backend("neal").solve(p, seed=seed)
+            row += [
+                f"{neal.energy:.4f}",
+                f"{neal.seconds:.2f}",
+                f"{neal.energy - nat.energy:+.4f}",
+                f"{neal.info['raw_feasible_fraction']:.2f}",
+            ]
+        else:
+            row += ["-", "-", "-", "-"]
+        if p.n <= EXHAUSTIVE_MAX_N:
+            exact = get_backend("exhaustive").solve(p)
+            hit = abs(nat.energy - exact.energy) <= 1e-9 * max(1.0, abs(exact.energy))
+            row += [
+                f"{exact.energy:.4f}",
+                f"{exact.seconds:.3f}",
+                "yes" if hit else "NO",
+            ]
+        else:
+            row += ["-", "-", "-"]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+def _neal_within(p: BlockProblem, total: int, seed: int) -> tuple[Solution, int]:
+    """neal (auto penalty, 10 reads per strength) with at most ``total`` sweeps.
+
+    Its auto penalty may try several strengths of 10 reads each: the sweeps per
+    read are sized so that all reads together stay within ``total`` (retrying
+    with the read count the previous try needed).
+    """
+    reads = 10
+    for _ in range(4):
+        sweeps = max(1, total // reads)
+        neal = get_backend("neal", num_reads=10, num_sweeps=sweeps).solve(p, seed=seed)
+        if neal.info["reads"] * sweeps <= total or sweeps == 1:
+            break
+        reads = neal.info["reads"]
+    return neal, sweeps
+
+
+def equal_sweeps_table(
+    problems: list[BlockProblem], neal_max_n: int, seed: int
+) -> None:
+    print("\n## Equal total sweeps: neal at native's sweeps used, and at its budget\n")
+    print(
+        "| n | native sweeps used / budget | native E | neal reads x sweeps (used) | "
+        "neal - native | raw feasible | neal reads x sweeps (budget) | "
+        "neal - native | raw feasible |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in problems:
+        if p.n > neal_max_n:
+            continue
+        nat = get_backend("native").solve(p, seed=seed)
+        info = nat.info
+        budget = (
+            len(info["restart_sweeps"]) * info["num_betas"] * info["sweeps_per_beta"]
+        )
+        used = sum(info["restart_sweeps"])
+        row = [str(p.n), f"{used} / {budget}", f"{nat.energy:.4f}"]
+        for total in (used, budget):
+            neal, sweeps = _neal_within(p, total, seed)
+            row += [
+                f"{neal.info['reads']} x {sweeps}",
+                f"{neal.energy - nat.energy:+.4f}",
+                f"{neal.info['raw_feasible_fraction']:.2f}",
+            ]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+def timing_table(problems: list[BlockProblem], repeats: int, seed: int) -> None:
+    print(f"\n## Native timing ({repeats} runs with seeds {seed}.., 10 restarts)\n")
+    print(
+        "| n | schedule | threads | median s | min s | median CPU s | "
+        "energy (worst of runs) | sweeps per restart | accepted swaps per restart / n |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    threads_all = _native.max_threads()
+    for p in problems:
+        if p.n < 256:
+            continue
+        for schedule in ("auto", "fixed"):
+            for threads in sorted({1, threads_all}):
+                backend = get_backend("native", schedule=schedule, num_threads=threads)
+                sols, cpu = [], []
+                for r in range(repeats):
+                    start = time.process_time()
+                    sols.append(backend.solve(p, seed=seed + r))
+                    cpu.append(time.process_time() - start)
+                secs = [s.seconds for s in sols]
+                sweeps = statistics.mean(
+                    statistics.mean(s.info["restart_sweeps"]) for s in sols
+                )
+                accepted = statistics.mean(
+                    statistics.mean(s.info["restart_accepted"]) for s in sols
+                )
+                print(
+                    f"| {p.n} | {schedule} | {threads} | {statistics.median(secs):.4f} "
+                    f"| {min(secs):.4f} | {statistics.median(cpu):.4f} | "
+                    f"{max(s.energy for s in sols):.4f} | "
+                    f"{sweeps:.1f} | {accepted / p.n:.2f} |",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[16, 20, 64, 256, 1024, 4096]
+    )
+    parser.add_argument(
+        "--small-blocks",
+        type=int,
+        default=5,
+        help="blocks per size for sizes <= 20 (checked against exhaustive)",
+    )
+    parser.add_argument(
+        "--neal-max-n",
+        type=int,
+        default=1024,
+        help="largest n given to neal (dense BQMs beyond this take minutes)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["default", "sweeps", "timing"]
+    )
+    args = parser.parse_args()
+
+    print(f"Machine: {_machine()}")
+    start = time.perf_counter()
+    sizes = []
+    for n in args.sizes:
+        sizes += [n] * (args.small_blocks if n <= EXHAUSTIVE_MAX_N else 1)
+    problems = digits_blocks(sizes, seed=args.seed)
+    print(f"Built {len(problems)} digits blocks in {time.perf_counter() - start:.1f} s")
+    if "default" not in args.skip:
+        default_table(problems, args.neal_max_n, args.seed)
+    if "sweeps" not in args.skip:
+        equal_sweeps_table(problems, args.neal_max_n, args.seed)
+    if "timing" not in args.skip:
+        timing_table(problems, args.repeats, args.seed)
+    print(
+        f"\nLoad average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""Gradients, per-sample gradients and Hessian blocks for iCBS.
+
+Every function takes ``loss_fn(model, X, y) -> scalar``, the mean over the batch's
+samples of per-sample losses, and works on the weight of one ``nn.Linear`` or
+``nn.Conv2d`` module. Weights are addressed by flat indices into
+``weight.reshape(d_out, -1)``: index ``i`` is row ``i // d_in``, column ``i % d_in``
+(for a Conv2d, ``d_in = C_in * kh * kw`` in :func:`torch.nn.functional.unfold`
+order).
+
+Per-sample block gradients come from ONE forward/backward of each (sub-)batch:
+a forward hook keeps the block's columns of the layer input ``x`` and a tensor hook
+on the layer output receives ``delta = dL/d(out)``; the block's per-sample
+gradients are ``G[s, i] = N * sum_t delta[s, t, row_i] * x[s, t, col_i]`` (the
+factor ``N`` undoes the mean over samples). The per-sample gradient of the whole
+layer is never formed.
+
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> loss_fn = lambda m, X, y: F.cross_entropy(m(X), y)
+    >>> X, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    >>> G = per_sample_block_gradients(model, loss_fn, X, y, model[0], [0, 5, 11])
+    >>> G.shape
+    torch.Size([5, 3])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icbs_opt.errors import PruningError
+from icbs_opt.prune_config import HESSIAN_MODELS
+
+#: ``loss_fn(model, X, y) -> scalar tensor``: mean of per-sample losses.
+LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
+
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
+
+
+# --------------------------------------------------------------------- helpers
+def check_prunable(module: nn.Module, name: str = "module") -> None:
+    """Raise ``PruningError`` unless ``module`` is a supported prunable layer.
+
+    Supported: ``nn.Linear`` and ungrouped ``nn.Conv2d``.
+    """
+    if not isinstance(module, PRUNABLE_TYPES):
+        raise PruningError(
+            f"layer {name!r} is a {type(module).__name__}; only Linear and Conv2d "
+            "weights can be pruned"
+        )
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise PruningError(
+            f"layer {name!r} is a grouped Conv2d (groups = {module.groups}); only "
+            "groups = 1 is supported"
+        )
+
+
+def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of the module's weight seen as a matrix."""
+    w = module.weight
+    return w.shape[0], w.numel() // w.shape[0]
+
+
+def split_batch(X: Any, y: Any, max_batch_size: int | None) -> list[tuple[Any, Any]]:
+    """Split a batch along dim 0 into sub-batches of at most ``max_batch_size``.
+
+    ``X`` and ``y`` are tensors (or anything sliceable with ``len``) with the
+    samples on their first dimension; ``None`` keeps the batch whole.
+    """
+    n = len(X)
+    if n == 0:
+        raise PruningError("the batch is empty (0 samples)")
+    if max_batch_size is None or max_batch_size >= n:
+        return [(X, y)]
+    return [
+        (X[i : i + max_batch_size], y[i : i + max_batch_size])
+        for i in range(0, n, max_batch_size)
+    ]
+
+
+@contextlib.contextmanager
+def _requires_grad(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily switch on ``requires_grad`` for ``params``."""
+    old = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, old, strict=True):
+            p.requires_grad_(flag)
+
+
+def _scalar_loss(loss_fn: LossFn, model: nn.Module, X: Any, y: Any) -> torch.Tensor:
+    loss = loss_fn(model, X, y)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+        raise PruningError(f"loss_fn must return a scalar tensor, got {shape}")
+    return loss
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` padding of a Conv2d, resolving 'same'/'valid'."""
+    if module.padding == "valid":
+        return (0, 0, 0, 0)
+    if module.padding == "same":
+        pads = []
+        for k, d in zip(module.kernel_size[::-1], module.dilation[::-1], strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)  # type: ignore[return-value]
+    ph, pw = module.padding
+    return (pw, pw, ph, ph)
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as ``(N, T, d_in)`` rows that multiply the weight matrix.
+
+    Linear: ``(N, d_in)`` becomes ``(N, 1, d_in)``, ``(N, *, d_in)`` is flattened
+    to ``(N, T, d_in)``. Conv2d: the unfolded patches ``(N, L, C_in*kh*kw)``.
+    """
+    if isinstance(module, nn.Conv2d):
+        pad = _conv_padding(module)
+        if any(pad):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        cols = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
+        return cols.transpose(1, 2)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def layer_output_grads(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """The gradient of the layer output as ``(N, T, d_out)``, matching inputs."""
+    if isinstance(module, nn.Conv2d):
+        return delta.flatten(2).transpose(1, 2)
+    return delta.reshape(delta.shape[0], -1, delta.shape[-1])
+
+
+# ------------------------------------------------------------------ gradients
+def layer_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    X: Any,
+    y: Any,
+    modules: Sequence[nn.Module],
+    *,
+    max_batch_size: int | None = None,
+) -> list[torch.Tensor]:
+    """Full gradients of the loss w.r.t. the weights of ``modules``.
+
+    One backward per sub-batch; sub-batch gradients are weighted by their share
+    of the samples so the result is the gradient of the whole batch's mean loss.
+    ``.grad`` fields are left untouched.
+
+    Returns:
+        One tensor per module, shaped like its weight.
+    """
+    weights = [m.weight for m in modules]
+    total = [torch.zeros_like(w) for w in weights]
+    n = len(X)
+    with _requires_grad(weights):
+        for Xb, yb in split_batch(X, y, max_batch_size):
+            loss = _scalar_loss(loss_fn, model, Xb, yb)
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            for acc, g in zip(total, grads, strict=True):
+                if g is not None:
+                    acc.add_(g, alpha=len(Xb) / n)
+    return [t.detach() for t in total]
+
+
+def per_sample_block_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    X: Any,
+    y: Any,
+    module: nn.Module,
+    idx: Any,
+    *,
+    max_batch_size: int | None = None,
+) -> torch.Tensor:
+    """Per-sample gradients of the block ``idx`` of ``module.weight``.
+
+    Args:
+        model: The model; ``loss_fn(model, X, y)`` is its mean per-sample loss.
+        loss_fn: The loss.
+        X: Inputs, samples on dim 0.
+        y: Targets, samples on dim 0.
+        module: An ``nn.Linear`` or ``nn.Conv2d`` inside ``model``.
+        idx: ``(n,)`` flat indices into ``module.weight.reshape(d_out, -1)``.
+        max_batch_size: Largest sub-batch per forward/backward (None: whole batch).
+
+    Returns:
+        ``(N, n)`` float64 tensor ``G`` with ``G[s, i]`` the gradient of sample
+        ``s``'s loss w.r.t. weight ``idx[i]``; ``G.mean(0)`` is the batch gradient.
+        A module called several times in one forward gets the sum over calls.
+    """
+    check_prunable(module)
+    _, d_in = weight_matrix_shape(module)
+    idx = torch.as_tensor(idx, dtype=torch.long, device=module.weight.device)
+    tape = _BlockTape(module, idx // d_in, idx % d_in)
+    parts = []
+    handle = module.register_forward_hook(tape.forward_hook)
+    try:
+        with _requires_grad([module.weight]):
+            for Xb, yb in split_batch(X, y, max_batch_size):
+                tape.G = idx.new_zeros((len(Xb), idx.numel()), dtype=torch.float64)
+                loss = _scalar_loss(loss_fn, model, Xb, yb)
+                # Only to drive the backward pass; the hooks fill tape.G.
+                torch.autograd.grad(loss, module.weight, allow_unused=True)
+                parts.append(tape.G)
+    finally:
+        handle.remove()
+    return torch.cat(parts)
+
+
+class _BlockTape:
+    """Hooks that turn one forward/backward into the block's per-sample gradients."""
+
+    def __init__(self, module: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
+        self.module, self.rows, self.cols = module, rows, cols
+        self.G = torch.zeros(0)
+
+    def forward_hook(self, mod: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if not out.requires_grad:  # a call outside the differentiated forward
+            return
+        x = inputs[0].detach()
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32
+        xc = layer_inputs(mod, x)[..., self.cols].to(dtype)  # (b, T, n)
+        out.register_hook(lambda delta: self._accumulate(delta, xc))
+
+    def _accumulate(self, delta: torch.Tensor, xc: torch.Tensor) -> None:
+        d = layer_output_grads(self.module, delta)[..., self.rows]  # (b, T, n)
+        per_sample = (d.to(xc.dtype) * xc).sum(1)  # (b, n); faster than einsum
+        # the loss is a mean over the b samples: scale by b for per-sample gradients
+        self.G.add_(per_sample.to(torch.float64), alpha=len(d))
+
+
+class LayerTape:
+    """A layer's inputs and output gradients over a batch, from one backward each.
+
+    Recorded by :func:`record_layer`. Holds the rows ``x`` ``(N, T, d_in)`` that
+    multiply the weight and the per-sample output gradients ``N * dL/d(out)``
+    ``(N, T, d_out)`` (memory ``N * T * (d_in + d_out)`` floats), enough for the
+    layer's full gradient and any block's per-sample gradients without a second
+    forward/backward.
+
+    Attributes:
+        module: The layer.
+        x: ``(N, T, d_in)`` layer input rows (calls of the module concatenated on T).
+        delta: ``(N, T, d_out)`` per-sample output gradients, aligned with ``x``.
+        seconds: Wall time of the recording forward/backward passes.
+    """
+
+    def __init__(
+        self, module: nn.Module, x: torch.Tensor, delta: torch.Tensor, seconds: float
+    ):
+        self.module, self.x, self.delta, self.seconds = module, x, delta, seconds
+
+    def gradient(self) -> torch.Tensor:
+        """Gradient of the batch's mean loss, shaped like the weight."""
+        w = self.module.weight
+        grad = torch.einsum("bto,bti->oi", self.delta, self.x) / len(self.x)
+        return grad.reshape(w.shape).to(w.dtype)
+
+    def per_sample_block_gradients(self, idx: Any) -> torch.Tensor:
+        """``(N, n)`` float64 per-sample gradients of the flat weight indices idx."""
+        _, d_in = weight_matrix_shape(self.module)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.x.device)
+        d = self.delta[..., idx // d_in]  # (N, T, n)
+        xc = self.x[..., idx % d_in]  # (N, T, n)
+        return (d * xc).sum(1).to(torch.float64)
+
+
+def record_layer(
+    model: nn.Module,
+    loss_fn: LossFn,
+    X: Any,
+    y: Any,
+    module: nn.Module,
+    *,
+    max_batch_size: int | None = None,
+) -> LayerTape:
+    """One forward/backward per sub-batch, keeping the layer's inputs and deltas.
+
+    The backward pass stops at the layer: only the layer output's gradient is
+    asked for, so no weight gradient is formed.
+
+    Returns:
+        The :class:`LayerTape` of ``module`` over the batch.
+    """
+    check_prunable(module)
+    start = time.perf_counter()
+    xs: list[torch.Tensor] = []
+    deltas: list[torch.Tensor] = []
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            x = inputs[0].detach()
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            calls.append((layer_inputs(mod, x).to(dtype), out))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with _requires_grad([module.weight]):
+            for Xb, yb in split_batch(X, y, max_batch_size):
+                calls.clear()
+                loss = _scalar_loss(loss_fn, model, Xb, yb)
+                outs = [out for _, out in calls]
+                grads = torch.autograd.grad(loss, outs, allow_unused=True)
+                for (x, out), g in zip(calls, grads, strict=True):
+                    g = torch.zeros_like(out) if g is None else g
+                    # the loss is a mean over the b samples: scale to per-sample
+                    d = layer_output_grads(module, g).to(x.dtype) * len(Xb)
+                    xs.append(x)
+                    deltas.append(d)
+                if len(calls) > 1:  # several calls: concatenate them on T
+                    k = len(calls)
+                    xs[-k:] = [torch.cat(xs[-k:], 1)]
+                    deltas[-k:] = [torch.cat(deltas[-k:], 1)]
+    finally:
+        handle.remove()
+        calls.clear()
+    if not xs:
+        raise PruningError(
+            f"the forward pass never called layer {type(module).__name__}"
+            f" {tuple(module.weight.shape)}; is it part of the model?"
+        )
+    seconds = time.perf_counter() - start
+    return LayerTape(module, torch.cat(xs), torch.cat(deltas), seconds)
+
+
+# ------------------------------------------------------------------- Hessians
+def exact_block_hessian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    X: Any,
+    y: Any,
+    module: nn.Module,
+    idx: Any,
+    *,
+    chunk_size: int | None = None,
+    max_batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient and exact Hessian of the block ``idx`` by double backward.
+
+    Rows of the Hessian come from batched backward passes through the gradient
+    graph, ``chunk_size`` rows at a time (None: all n rows in one pass).
+
+    Returns:
+        ``g`` ``(n,)`` and ``H`` ``(n, n)``, float64, ``H`` symmetrised.
+    """
+    check_prunable(module)
+    w = module.weight
+    idx = torch.as_tensor(idx, dtype=torch.long, device=w.device)
+    n = idx.numel()
+    step = n if chunk_size is None else max(1, int(chunk_size))
+    g_total = torch.zeros(n, dtype=torch.float64, device=w.device)
+    H_total = torch.zeros(n, n, dtype=torch.float64, device=w.device)
+    N = len(X)
+    with _requires_grad([w]):
+        for Xb, yb in split_batch(X, y, max_batch_size):
+            share = len(Xb) / N
+            loss = _scalar_loss(loss_fn, model, Xb, yb)
+            (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+            gB = grad.reshape(-1)[idx]  # (n,) block gradient, with its graph
+            g_total += share * gB.detach().double()
+            if not gB.requires_grad:  # the loss is linear in w: H = 0
+                continue
+            eye = torch.eye(n, dtype=gB.dtype, device=gB.device)
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                (rows,) = torch.autograd.grad(
+                    gB,
+                    w,
+                    grad_outputs=eye[start:stop],
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                if rows is not None:  # (stop - start, *w.shape)
+                    H_total[start:stop] += (
+                        share * rows.reshape(stop - start, -1)[:, idx].double()
+                    )
+    return g_total, (H_total + H_total.T) / 2
+
+
+def block_derivatives(
+    model: nn.Module,
+    loss_fn: LossFn,
+    X: Any,
+    y: Any,
+    module: nn.Module,
+    idx: Any,
+    hessian: str,
+    *,
+    max_batch_size: int | None = None,
+    chunk_size: int = 32,
+    tape: LayerTape | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Block gradient and Hessian model (DESIGN step 3) with their timings.
+
+    Args:
+        model: The model.
+        loss_fn: Mean per-sample loss.
+        X: Inputs, samples on dim 0.
+        y: Targets, samples on dim 0.
+        module: The layer whose weight holds the block.
+        idx: ``(n,)`` flat weight indices of the block.
+        hessian: One of :data:`HESSIAN_MODELS`:
+            ``gradient_per_sample`` ``H = G^T G / N`` (empirical Fisher),
+            ``gradient_mean`` ``H = g g^T / N``, ``exact`` (double backward, all
+            rows at once), ``exact_piecewise`` (``chunk_size`` rows at a time).
+        max_batch_size: Largest sub-batch per forward/backward.
+        chunk_size: Rows per pass for ``exact_piecewise``.
+        tape: A :class:`LayerTape` of ``module`` on this batch; with
+            ``gradient_per_sample`` the per-sample gradients come from it (no
+            forward/backward here).
+
+    Returns:
+        ``(g, H, gradient_seconds, hessian_seconds)`` with ``g`` ``(n,)`` and
+        ``H`` ``(n, n)`` float64 on the weight's device.
+    """
+    t0 = time.perf_counter()
+    if hessian == "gradient_per_sample" and tape is not None:
+        G = tape.per_sample_block_gradients(idx)  # (N, n)
+        g = G.mean(0)  # (n,)
+        t1 = time.perf_counter()
+        H = G.T @ G / G.shape[0]  # (n, n) empirical Fisher
+    elif hessian == "gradient_per_sample":
+        G = per_sample_block_gradients(
+            model, loss_fn, X, y, module, idx, max_batch_size=max_batch_size
+        )  # (N, n)
+        g = G.mean(0)  # (n,)
+        t1 = time.perf_counter()
+        H = G.T @ G / G.shape[0]  # (n, n) empirical Fisher
+    elif hessian == "gradient_mean":
+        (full,) = layer_gradients(
+            model, loss_fn, X, y, [module], max_batch_size=max_batch_size
+        )
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=full.device)
+        g = full.reshape(-1)[idx_t].double()  # (n,)
+        t1 = time.perf_counter()
+        H = torch.outer(g, g) / len(X)  # (n, n)
+    elif hessian in ("exact", "exact_piecewise"):
+        g, H = exact_block_hessian(
+            model,
+            loss_fn,
+            X,
+            y,
+            module,
+            idx,
+            chunk_size=None if hessian == "exact" else chunk_size,
+            max_batch_size=max_batch_size,
+        )
+        t1 = time.perf_counter()  # gradient and Hessian come from one graph
+    else:
+        raise PruningError(
+            f"hessian must be one of {', '.join(HESSIAN_MODELS)}, got {hessian!r}"
+        )
+    t2 = time.perf_counter()
+    return g, H, t1 - t0, t2 - t1
+
+
+# --------------------------------------------------------------- activations
+def input_column_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    X: Any,
+    y: Any,
+    modules: Sequence[nn.Module],
+    *,
+    max_batch_size: int | None = None,
+) -> list[torch.Tensor]:
+    """``||X_j||_2`` of each layer input column over a calibration batch (Wanda).
+
+    The batch runs through ``loss_fn(model, X, y)`` without gradients.
+
+    Linear: one norm per input feature over samples and tokens, shape ``(d_in,)``.
+    Conv2d: one norm per input channel over samples and spatial positions, shape
+    ``(C_in,)`` (padding excluded).
+    """
+    sums: dict[int, torch.Tensor] = {}
+
+    def hook(mod: nn.Module, inputs: tuple, out: Any) -> None:
+        x = inputs[0].detach()
+        if isinstance(mod, nn.Conv2d):
+            sq = x.double().pow(2).sum(dim=(0, 2, 3))  # (C_in,)
+        else:
+            sq = x.double().pow(2).reshape(-1, x.shape[-1]).sum(0)  # (d_in,)
+        key = id(mod)
+        sums[key] = sums[key] + sq if key in sums else sq
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            for Xb, yb in split_batch(X, y, max_batch_size):
+                loss_fn(model, Xb, yb)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for m in modules:
+        if id(m) not in sums:
+            raise PruningError(
+                f"the calibration forward pass never called layer {type(m).__name__}"
+                f" {tuple(m.weight.shape)}; is it part of the model?"
+            )
+        out.append(sums[id(m)].sqrt())
+    return out
+
+
+def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:
+    """``|w0_ij| * ||X_j||`` for every weight, shaped like the weight."""
+    w = module.weight.detach().double().abs()
+    if isinstance(module, nn.Conv2d):
+        return w * norms.to(w.device)[None, :, None, None]
+    return w * norms.to(w.device)[None, :]

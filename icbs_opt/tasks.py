@@ -1,0 +1,391 @@
+"""Pruning tasks: a model, its loss, data and metric, registered by name.
+
+A :class:`Task` bundles everything ``icbs-opt prune`` needs. Builders are
+registered with :func:`register_task` and called by :func:`get_task` with
+task-specific options (keyword arguments of the builder; the CLI passes its
+task flags through). The built-in ``digits-mlp`` task trains a small MLP on
+scikit-learn's digits on first use and caches it (see :func:`default_cache_dir`).
+
+Example:
+    >>> "digits-mlp" in task_names()
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icbs_opt.derivatives import LossFn
+from icbs_opt.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable that overrides the cache directory.
+CACHE_ENV = "ICBS_OPT_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """The cache directory: ``$ICBS_OPT_CACHE_DIR`` or the user cache dir."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("icbs-opt"))
+
+
+def save_state_dict(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
+    """Write ``model.state_dict()`` to ``directory/model.safetensors``.
+
+    Returns:
+        The written files.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(directory) / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return [path]
+
+
+@dataclass
+class Task:
+    """A model to prune with its loss, data and metric.
+
+    Attributes:
+        name: Registered name.
+        model: The dense, trained model (pruned in place by a Pruner).
+        loss_fn: ``loss_fn(model, X, y) -> scalar``, mean of per-sample losses.
+        layers: Qualified names of the prunable modules.
+        make_batches: ``make_batches(seed)`` -> endless iterator of ``(X, y)``
+            pruning batches, the same sequence for the same seed.
+        calibration: ``(X, y)`` batch for ``wanda``/``gradient`` init.
+        evaluate: ``evaluate(model) -> {"metric": float, "loss": float}``.
+        metric: Name of the metric, ``"accuracy"`` (in %) or ``"perplexity"``.
+        higher_is_better: Whether a larger metric is better.
+        save_model: ``save_model(model, directory) -> [files]`` writes the model.
+        prune_defaults: Settings this task prefers over the CLI's defaults:
+            ``PruneConfig`` fields (e.g. ``block_size``), ``steps``,
+            ``eval_every`` and ``threads`` (torch CPU threads).
+        info: Facts shown to users and saved with results (e.g. dense accuracy).
+    """
+
+    name: str
+    model: nn.Module
+    loss_fn: LossFn
+    layers: list[str]
+    make_batches: Callable[[int], Iterator[tuple[Any, Any]]]
+    calibration: tuple[Any, Any]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    metric: str
+    higher_is_better: bool = True
+    save_model: Callable[[nn.Module, str | os.PathLike], list[Path]] = save_state_dict
+    prune_defaults: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, seed: int = 0) -> Iterator[tuple[Any, Any]]:
+        """Endless seeded iterator of pruning batches."""
+        return self.make_batches(seed)
+
+
+_TASKS: dict[str, Callable[..., Task]] = {}
+
+#: Modules that register built-in tasks when imported (loaded on first lookup).
+BUILTIN_TASK_MODULES = ("icbs_opt.llm",)
+_builtins_loaded = False
+
+
+def _load_builtin_tasks() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for module in BUILTIN_TASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # an optional task family is missing
+            logger.debug("tasks of %s not available: %s", module, exc)
+
+
+def register_task(name: str, builder: Callable[..., Task]) -> None:
+    """Register ``builder(**task_options) -> Task`` under ``name``.
+
+    Raises:
+        DataError: If the name is taken or the builder is not callable.
+    """
+    if not callable(builder):
+        raise DataError(f"task {name!r} needs a callable builder, got {builder!r}")
+    if name in _TASKS:
+        raise DataError(f"a task named {name!r} is already registered")
+    _TASKS[name] = builder
+
+
+def task_names() -> list[str]:
+    """Names of the registered tasks."""
+    _load_builtin_tasks()
+    return list(_TASKS)
+
+
+def task_options(name: str) -> list[str]:
+    """Option names the task ``name`` takes (its builder's keyword arguments)."""
+    params = inspect.signature(_builder(name)).parameters.values()
+    return [
+        p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def _builder(name: str) -> Callable[..., Task]:
+    _load_builtin_tasks()
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise DataError(
+            f"unknown task {name!r}; known tasks: {', '.join(_TASKS)}"
+        ) from None
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build the task ``name`` with task-specific ``options``.
+
+    Raises:
+        DataError: For an unknown task (the message lists the known ones) or an
+            option the task does not take.
+    """
+    builder = _builder(name)
+    params = inspect.signature(builder).parameters.values()
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        known = task_options(name)
+        for key in options:
+            if key not in known:
+                raise DataError(
+                    f"task {name!r} does not take option {key!r}; its options: "
+                    f"{', '.join(known) or 'none'}"
+                )
+    return builder(**options)
+
+
+# ------------------------------------------------------------------ digits-mlp
+#: The digits recipe; part of the cache key, so a change retrains.
+DIGITS_RECIPE: dict[str, Any] = {
+    "sizes": [64, 256, 256, 10],
+    "test_size": 0.3,
+    "split_seed": 0,
+    "lr": 3e-3,
+    "epochs": 200,
+    "seed": 0,
+    "version": 2,
+}
+
+
+def digits_mlp_model() -> nn.Sequential:
+    """The untrained 64-256-256-10 ReLU MLP (prunable layers ``0``, ``2``, ``4``)."""
+    sizes = DIGITS_RECIPE["sizes"]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn digits, inputs / 16, 70/30 split: ``X_tr, y_tr, X_te, y_te``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X / 16.0,
+        y,
+        test_size=DIGITS_RECIPE["test_size"],
+        random_state=DIGITS_RECIPE["split_seed"],
+    )
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    i = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+    return f(X_tr), i(y_tr), f(X_te), i(y_te)
+
+
+def classification_loss(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of ``model(X)`` against class labels ``y``."""
+    return F.cross_entropy(model(X), y)
+
+
+def classifier_evaluator(
+    X: torch.Tensor, y: torch.Tensor
+) -> Callable[[nn.Module], dict[str, float]]:
+    """``evaluate(model)`` giving accuracy in % and mean cross-entropy on (X, y)."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            logits = model(X)
+            acc = (logits.argmax(1) == y).double().mean().item() * 100
+            return {"metric": acc, "loss": F.cross_entropy(logits, y).item()}
+
+    return evaluate
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, then restore the count.
+
+    For tiny models, more CPU threads only add synchronisation; on a busy machine
+    they can make training many times slower.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def train_digits_mlp(
+    X: torch.Tensor, y: torch.Tensor, X_test: torch.Tensor, y_test: torch.Tensor
+) -> tuple[nn.Sequential, float]:
+    """Train the digits MLP by the recipe (Adam, full batch, seeded).
+
+    Returns:
+        The model (in eval mode) and its test accuracy in %.
+    """
+    torch.manual_seed(DIGITS_RECIPE["seed"])
+    model = digits_mlp_model().to(X.device)
+    opt = torch.optim.Adam(model.parameters(), lr=DIGITS_RECIPE["lr"])
+    with torch_threads(1):  # this tiny model gains nothing from more threads
+        for _ in range(DIGITS_RECIPE["epochs"]):
+            opt.zero_grad()
+            classification_loss(model, X, y).backward()
+            opt.step()
+    model.eval()
+    return model, classifier_evaluator(X_test, y_test)(model)["metric"]
+
+
+def _digits_cache_file(directory: Path) -> Path:
+    return directory / f"digits-mlp-v{DIGITS_RECIPE['version']}.safetensors"
+
+
+_DATA_KEYS = ("X_train", "y_train", "X_test", "y_test")
+
+
+def load_or_train_digits_mlp(
+    directory: Path, *, retrain: bool = False
+) -> tuple[nn.Sequential, tuple[torch.Tensor, ...], float]:
+    """The trained digits MLP and its data split, from the cache if possible.
+
+    The cache file holds the model, the split data (so a warm start does not
+    import scikit-learn) and the test accuracy; a missing, corrupt or outdated
+    file is rebuilt.
+
+    Returns:
+        The model (CPU, eval mode), ``(X_train, y_train, X_test, y_test)`` and
+        the test accuracy in %.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _digits_cache_file(directory)
+    recipe = json.dumps(DIGITS_RECIPE, sort_keys=True)
+    if path.is_file() and not retrain:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            if meta.get("recipe") == recipe:
+                model = digits_mlp_model()
+                model.load_state_dict(
+                    {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+                )
+                data = tuple(tensors[f"data.{k}"] for k in _DATA_KEYS)
+                logger.info("loaded the digits MLP from %s", path)
+                return model.eval(), data, float(meta["accuracy"])
+            logger.info("cached digits MLP %s has another recipe; retraining", path)
+        except Exception as exc:  # a corrupt cache file is rebuilt, not fatal
+            logger.warning("cannot read cached model %s (%s); retraining", path, exc)
+    data = digits_data()
+    start = time.perf_counter()
+    model, accuracy = train_digits_mlp(*data)
+    logger.info(
+        "trained the digits MLP in %.1f s: test accuracy %.2f%%",
+        time.perf_counter() - start,
+        accuracy,
+    )
+    tensors = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
+    tensors.update({f"data.{k}": v for k, v in zip(_DATA_KEYS, data, strict=True)})
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        meta = {"recipe": recipe, "accuracy": repr(accuracy)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), meta)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("cannot cache the digits MLP in %s: %s", directory, exc)
+    return model, data, accuracy
+
+
+def build_digits_mlp(
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 200,
+    device: str = "cpu",
+    retrain: bool = False,
+) -> Task:
+    """The ``digits-mlp`` task.
+
+    Args:
+        cache_dir: Where the trained model is cached (default: see
+            :func:`default_cache_dir`).
+        batch_size: Training samples per pruning batch (drawn without
+            replacement within a batch, seeded).
+        device: Torch device of the model and data.
+        retrain: Train again even if a cached model exists.
+
+    Returns:
+        The task: metric test accuracy in %, calibration batch = the training set.
+    """
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model, data, accuracy = load_or_train_digits_mlp(directory, retrain=retrain)
+    X_tr, y_tr, X_te, y_te = (t.to(device) for t in data)
+    if isinstance(batch_size, bool) or not 1 <= int(batch_size) <= len(X_tr):
+        raise DataError(f"batch_size must be in [1, {len(X_tr)}], got {batch_size!r}")
+    batch_size = int(batch_size)
+    model.to(device)
+
+    def make_batches(seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng(seed)
+        while True:
+            idx = torch.from_numpy(rng.choice(len(X_tr), batch_size, replace=False))
+            idx = idx.to(X_tr.device)
+            yield X_tr[idx], y_tr[idx]
+
+    return Task(
+        name="digits-mlp",
+        model=model,
+        loss_fn=classification_loss,
+        layers=["0", "2", "4"],
+        make_batches=make_batches,
+        calibration=(X_tr, y_tr),
+        evaluate=classifier_evaluator(X_te, y_te),
+        metric="accuracy",
+        higher_is_better=True,
+        prune_defaults={"threads": 1},
+        info={"dense_accuracy": accuracy, "train": len(X_tr), "test": len(X_te)},
+    )
+
+
+register_task("digits-mlp", build_digits_mlp)

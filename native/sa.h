@@ -1,0 +1,102 @@
+/*
+ * Cardinality-preserving simulated annealing for  min x^T Q x  s.t.  sum(x) = k.
+ *
+ * The C core of icbs-opt's `native` backend. It works on flat arrays and knows
+ * nothing of Python; native/module.c binds it, icbs_opt/backends/native.py owns
+ * validation.
+ *
+ * Moves swap one 1 with one 0, so every visited state is feasible. With the local
+ * fields f = Q x cached, removing i (x_i = 1) and adding j (x_j = 0) changes the
+ * energy by
+ *
+ *     Q_ii - 2 f_i + Q_jj + 2 f_j - 2 Q_ij          (Q symmetric)
+ *
+ * which costs O(1); an accepted swap updates f += Q[j,:] - Q[i,:] in O(n). The ones
+ * and the zeros live in one index array (ones first), so a uniformly random pair is
+ * two bounded random numbers.
+ *
+ * Schedule: inverse temperatures beta_min * beta_factor^t, t = 0, 1, ..., up to
+ * beta_max; sweeps_per_beta sweeps at each. A sweep is n proposed swaps
+ * (Metropolis: accepted if the change d <= 0, else with probability exp(-beta d)).
+ * A temperature at which no energy-changing swap is accepted ends the restart.
+ *
+ * Each restart then goes back to the best state it visited and finishes with a
+ * descent: for each one i in turn, the best swap with a zero if it lowers the
+ * energy; passes repeat until one changes nothing. The restart's energy is
+ * recomputed exactly from Q during that last pass.
+ *
+ * Restarts are independent: restart r draws from its own xoshiro256** stream
+ * seeded from (seed, r) by splitmix64, so the result does not depend on how many
+ * threads run them (OpenMP when compiled with it, else one after another). The
+ * best restart has the lowest energy, ties going to the lower restart index.
+ */
+#ifndef ICBS_SA_H
+#define ICBS_SA_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Return codes. */
+#define ICBS_SA_OK 0
+#define ICBS_SA_EINVAL 1 /* an argument is out of range */
+#define ICBS_SA_ENOMEM 2 /* an allocation failed */
+
+typedef struct {
+    double beta_min;         /* > 0; replaced by the auto range when auto_schedule */
+    double beta_max;         /* >= beta_min; likewise */
+    double beta_factor;      /* > 1 */
+    int64_t sweeps_per_beta; /* >= 1 */
+    int64_t num_restarts;    /* >= 1 */
+    int num_threads;         /* 0: the OpenMP default; ignored without OpenMP */
+    int auto_schedule;       /* nonzero: icbs_sa_auto_betas picks the range */
+    uint64_t seed;
+} icbs_sa_params;
+
+typedef struct {
+    /* Caller-allocated arrays of num_restarts entries, or NULL. */
+    double *restart_energies;  /* exact energy of each restart's answer */
+    int64_t *restart_sweeps;   /* sweeps each restart ran before it ended */
+    int64_t *restart_accepted; /* accepted swaps in each restart's anneal */
+    int64_t *restart_descent;  /* swaps of each restart's finishing descent */
+    /* Filled by the core. */
+    int64_t best_restart;
+    double beta_min; /* the range actually used */
+    double beta_max;
+    int64_t num_betas;
+    int num_threads; /* threads that ran restarts */
+} icbs_sa_result;
+
+/*
+ * Anneal. Q is n x n, row-major, symmetric (only read). x0 (n bytes of 0/1 with
+ * exactly k ones) is the start of every restart, or NULL for a random feasible
+ * start per restart. x_out (n bytes) receives the best state found; each restart
+ * keeps the best state it visited, not only its last one.
+ *
+ * Memory: besides Q, O(n) per thread plus O(n) shared.
+ */
+int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
+                  const icbs_sa_params *params, int8_t *x_out, icbs_sa_result *result);
+
+/*
+ * The "auto" schedule's beta range, from Q's scale as the moves see it: at the
+ * start state (x0, or a random feasible state drawn from the seed) take the energy
+ * changes of 2048 random swaps (every swap when there are fewer pairs), and set
+ *
+ *     beta_min  where the mean Metropolis acceptance exp(-beta d) over the uphill
+ *               changes d > 0 is 0.1,
+ *     beta_max = 1000 * beta_min.
+ *
+ * Writes both and returns ICBS_SA_OK, or an error code. When no sampled swap is
+ * uphill (k = 0, k = n, Q = 0, ...), the fixed range 1e-3 .. 100 is returned.
+ */
+int icbs_sa_auto_betas(const double *Q, int64_t n, int64_t k, const int8_t *x0,
+                       uint64_t seed, double *beta_min, double *beta_max);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ICBS_SA_H */

@@ -1,0 +1,298 @@
+/*
+ * Tests of the annealing core alone (no Python). Build and run from the repository
+ * root, with or without -fopenmp:
+ *
+ *     gcc -O2 -std=c99 -fopenmp native/test_sa.c native/sa.c -lm -o test_sa && ./test_sa
+ *
+ * Prints one line per failed check and a summary; exits non-zero on failure.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sa.h"
+
+static int failures = 0, checks = 0;
+
+#define CHECK(cond, ...)                                                    \
+    do {                                                                    \
+        checks++;                                                           \
+        if (!(cond)) {                                                      \
+            failures++;                                                     \
+            fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, \
+                    #cond);                                                 \
+            fprintf(stderr, __VA_ARGS__);                                   \
+            fputc('\n', stderr);                                            \
+        }                                                                   \
+    } while (0)
+
+/* ------------------------------------------------------------ helpers */
+
+static uint64_t test_rng_state;
+
+static double uniform_pm1(void) {
+    uint64_t z = (test_rng_state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-52 - 1.0;
+}
+
+/* A random symmetric n x n matrix with entries in [-1, 1). */
+static double *random_q(int64_t n, uint64_t seed) {
+    double *Q = malloc((size_t)(n * n) * sizeof(double));
+    test_rng_state = seed;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j <= i; j++) Q[i * n + j] = Q[j * n + i] = uniform_pm1();
+    return Q;
+}
+
+static double energy(const double *Q, int64_t n, const int8_t *x) {
+    double e = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        if (x[i])
+            for (int64_t j = 0; j < n; j++)
+                if (x[j]) e += Q[i * n + j];
+    return e;
+}
+
+static int64_t count_ones(const int8_t *x, int64_t n) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) c += x[i];
+    return c;
+}
+
+/* The optimum over all x with k ones (n <= 20), written to x_best. */
+static double brute_force(const double *Q, int64_t n, int64_t k, int8_t *x_best) {
+    double best = INFINITY;
+    int8_t x[20];
+    for (uint32_t mask = 0; mask < (1u << n); mask++) {
+        int64_t ones = 0;
+        for (uint32_t m = mask; m; m &= m - 1) ones++;
+        if (ones != k) continue;
+        for (int64_t i = 0; i < n; i++) x[i] = (int8_t)((mask >> i) & 1u);
+        const double e = energy(Q, n, x);
+        if (e < best) {
+            best = e;
+            memcpy(x_best, x, (size_t)n);
+        }
+    }
+    return best;
+}
+
+static icbs_sa_params default_params(uint64_t seed) {
+    icbs_sa_params p = {1e-3, 100.0, 1.1, 1, 10, 0, 1, seed};
+    return p;
+}
+
+/* -------------------------------------------------------------- tests */
+
+/*
+ * The reference (fixed, hot) schedule finds the optimum of every small random
+ * problem. The auto schedule starts colder: it is exact on the iCBS-like blocks of
+ * the Python tests and benchmarks, and on nearly all of these uniform random ones.
+ */
+static void test_exact_on_small_problems(void) {
+    int8_t x[20], opt[20];
+    int total = 0, auto_misses = 0;
+    for (int64_t n = 2; n <= 12; n++) {
+        const int64_t ks[3] = {1, n / 2, n - 1};
+        for (int c = 0; c < 3; c++)
+            for (uint64_t seed = 0; seed < 3; seed++) {
+                const int64_t k = ks[c];
+                double *Q = random_q(n, 1000 * (uint64_t)n + 10 * (uint64_t)k + seed);
+                const double best = brute_force(Q, n, k, opt);
+                total++;
+                for (int au = 0; au <= 1; au++) {
+                    icbs_sa_params p = default_params(seed);
+                    p.auto_schedule = au;
+                    double energies[10];
+                    icbs_sa_result r = {energies, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+                    const int rc = icbs_sa_solve(Q, n, k, NULL, &p, x, &r);
+                    const double e = energy(Q, n, x);
+                    CHECK(rc == ICBS_SA_OK, "rc %d", rc);
+                    CHECK(count_ones(x, n) == k, "n=%lld k=%lld", (long long)n,
+                          (long long)k);
+                    CHECK(fabs(energies[r.best_restart] - e) < 1e-9, "reported %.12g",
+                          energies[r.best_restart]);
+                    if (au) {
+                        auto_misses += e > best + 1e-9;
+                        continue;
+                    }
+                    CHECK(fabs(e - best) < 1e-9, "n=%lld k=%lld: %.12g vs %.12g",
+                          (long long)n, (long long)k, e, best);
+                }
+                free(Q);
+            }
+    }
+    CHECK(auto_misses * 20 <= total, "auto schedule missed %d of %d optima",
+          auto_misses, total);
+}
+
+static void test_same_answer_for_any_thread_count(void) {
+    const int64_t n = 600, k = 240; /* n >= 512: restarts run in parallel */
+    double *Q = random_q(n, 7);
+    int8_t x[3][600];
+    double e[3][6];
+    int64_t sweeps[3][6];
+    for (int t = 0; t < 3; t++) {
+        icbs_sa_params p = default_params(42);
+        p.num_restarts = 6;
+        p.num_threads = t + 1;
+        icbs_sa_result r = {e[t], sweeps[t], NULL, NULL, 0, 0, 0, 0, 0};
+        CHECK(icbs_sa_solve(Q, n, k, NULL, &p, x[t], &r) == ICBS_SA_OK, "threads %d",
+              t + 1);
+    }
+    for (int t = 1; t < 3; t++) {
+        CHECK(memcmp(x[0], x[t], (size_t)n) == 0, "x differs with %d threads", t + 1);
+        CHECK(memcmp(e[0], e[t], sizeof(e[0])) == 0, "energies differ, %d threads",
+              t + 1);
+        CHECK(memcmp(sweeps[0], sweeps[t], sizeof(sweeps[0])) == 0,
+              "sweeps differ, %d threads", t + 1);
+    }
+    /* A different seed explores differently. */
+    int8_t y[600];
+    double e2[6];
+    icbs_sa_params p = default_params(43);
+    p.num_restarts = 6;
+    icbs_sa_result r = {e2, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+    CHECK(icbs_sa_solve(Q, n, k, NULL, &p, y, &r) == ICBS_SA_OK, "seed 43");
+    CHECK(memcmp(e[0], e2, sizeof(e2)) != 0, "seeds 42 and 43 gave the same runs");
+    free(Q);
+}
+
+static void test_trivial_cardinalities(void) {
+    const int64_t n = 9;
+    double *Q = random_q(n, 3);
+    int8_t x[9];
+    icbs_sa_params p = default_params(0);
+    icbs_sa_result r = {NULL, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+    memset(x, 7, sizeof(x));
+    CHECK(icbs_sa_solve(Q, n, 0, NULL, &p, x, &r) == ICBS_SA_OK, "k = 0");
+    CHECK(count_ones(x, n) == 0 && x[0] == 0, "k = 0 gave %lld ones",
+          (long long)count_ones(x, n));
+    CHECK(icbs_sa_solve(Q, n, n, NULL, &p, x, &r) == ICBS_SA_OK, "k = n");
+    CHECK(count_ones(x, n) == n, "k = n gave %lld ones", (long long)count_ones(x, n));
+    const double one[1] = {-2.0};
+    for (int64_t k = 0; k <= 1; k++) {
+        int8_t x1[1] = {5};
+        CHECK(icbs_sa_solve(one, 1, k, NULL, &p, x1, &r) == ICBS_SA_OK, "n = 1");
+        CHECK(x1[0] == k, "n = 1, k = %lld gave %d", (long long)k, x1[0]);
+    }
+    free(Q);
+}
+
+static void test_warm_start(void) {
+    const int64_t n = 12, k = 5;
+    double *Q = random_q(n, 99);
+    int8_t opt[12], x[12], x0[12];
+    const double best = brute_force(Q, n, k, opt);
+    /* From the optimum with a cold schedule every restart stays there. */
+    icbs_sa_params p = default_params(1);
+    p.auto_schedule = 0;
+    p.beta_min = p.beta_max = 1e6;
+    double e[10];
+    icbs_sa_result r = {e, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+    CHECK(icbs_sa_solve(Q, n, k, opt, &p, x, &r) == ICBS_SA_OK, "warm start");
+    CHECK(memcmp(x, opt, (size_t)n) == 0, "left the optimum");
+    for (int t = 0; t < 10; t++)
+        CHECK(fabs(e[t] - best) < 1e-12, "restart %d ended at %.12g", t, e[t]);
+    /* From any x0 the answer is no worse than x0, even with a short hot schedule. */
+    memset(x0, 0, sizeof(x0));
+    for (int64_t i = 0; i < k; i++) x0[2 * i] = 1;
+    p.beta_min = 1e-6;
+    p.beta_max = 1e-5;
+    p.num_restarts = 3;
+    CHECK(icbs_sa_solve(Q, n, k, x0, &p, x, &r) == ICBS_SA_OK, "hot warm start");
+    CHECK(energy(Q, n, x) <= energy(Q, n, x0) + 1e-12, "worse than x0");
+    free(Q);
+}
+
+static void test_bad_arguments(void) {
+    const int64_t n = 6;
+    double *Q = random_q(n, 5);
+    int8_t x[6], x0[6] = {1, 1, 1, 0, 0, 0};
+    icbs_sa_result r = {NULL, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+    icbs_sa_params p = default_params(0);
+    CHECK(icbs_sa_solve(Q, n, 7, NULL, &p, x, &r) == ICBS_SA_EINVAL, "k > n");
+    CHECK(icbs_sa_solve(Q, n, -1, NULL, &p, x, &r) == ICBS_SA_EINVAL, "k < 0");
+    CHECK(icbs_sa_solve(Q, 0, 0, NULL, &p, x, &r) == ICBS_SA_EINVAL, "n = 0");
+    CHECK(icbs_sa_solve(Q, n, 2, x0, &p, x, &r) == ICBS_SA_EINVAL, "x0 has 3 ones");
+    x0[0] = 2;
+    CHECK(icbs_sa_solve(Q, n, 3, x0, &p, x, &r) == ICBS_SA_EINVAL, "x0 not 0/1");
+    p.num_restarts = 0;
+    CHECK(icbs_sa_solve(Q, n, 3, NULL, &p, x, &r) == ICBS_SA_EINVAL, "0 restarts");
+    p = default_params(0);
+    p.sweeps_per_beta = 0;
+    CHECK(icbs_sa_solve(Q, n, 3, NULL, &p, x, &r) == ICBS_SA_EINVAL, "0 sweeps");
+    p = default_params(0);
+    p.auto_schedule = 0;
+    p.beta_factor = 1.0;
+    CHECK(icbs_sa_solve(Q, n, 3, NULL, &p, x, &r) == ICBS_SA_EINVAL, "factor 1");
+    p.beta_factor = 1.0 + 1e-15;
+    CHECK(icbs_sa_solve(Q, n, 3, NULL, &p, x, &r) == ICBS_SA_EINVAL, "1e15 betas");
+    p.beta_factor = 1.1;
+    p.beta_min = 0.0;
+    CHECK(icbs_sa_solve(Q, n, 3, NULL, &p, x, &r) == ICBS_SA_EINVAL, "beta_min 0");
+    p.beta_min = 10.0;
+    p.beta_max = 1.0;
+    CHECK(icbs_sa_solve(Q, n, 3, NULL, &p, x, &r) == ICBS_SA_EINVAL, "max < min");
+    p.beta_max = INFINITY;
+    CHECK(icbs_sa_solve(Q, n, 3, NULL, &p, x, &r) == ICBS_SA_EINVAL, "max inf");
+    free(Q);
+}
+
+static void test_auto_range(void) {
+    const int64_t n = 200;
+    double *Q = random_q(n, 11);
+    double lo, hi, lo2, hi2;
+    CHECK(icbs_sa_auto_betas(Q, n, 80, NULL, 3, &lo, &hi) == ICBS_SA_OK, "auto");
+    CHECK(lo > 0.0 && isfinite(hi) && fabs(hi / lo - 1000.0) < 1e-9, "%g %g", lo, hi);
+    CHECK(icbs_sa_auto_betas(Q, n, 80, NULL, 3, &lo2, &hi2) == ICBS_SA_OK, "again");
+    CHECK(lo == lo2 && hi == hi2, "not deterministic");
+    /* Scaling Q by 10 scales the range by 1/10. */
+    for (int64_t i = 0; i < n * n; i++) Q[i] *= 10.0;
+    CHECK(icbs_sa_auto_betas(Q, n, 80, NULL, 3, &lo2, &hi2) == ICBS_SA_OK, "scaled");
+    CHECK(fabs(lo2 * 10.0 / lo - 1.0) < 1e-4, "scaled range %g vs %g", lo2, lo);
+    memset(Q, 0, (size_t)(n * n) * sizeof(double));
+    CHECK(icbs_sa_auto_betas(Q, n, 80, NULL, 3, &lo, &hi) == ICBS_SA_OK, "zero Q");
+    CHECK(lo == 1e-3 && hi == 100.0, "zero Q range %g %g", lo, hi);
+    free(Q);
+}
+
+static void test_larger_problem(void) {
+    const int64_t n = 700, k = 300;
+    double *Q = random_q(n, 21);
+    int8_t *x = malloc((size_t)n);
+    double e[4];
+    int64_t sweeps[4], accepted[4], descent[4];
+    icbs_sa_params p = default_params(8);
+    p.num_restarts = 4;
+    icbs_sa_result r = {e, sweeps, accepted, descent, 0, 0, 0, 0, 0};
+    CHECK(icbs_sa_solve(Q, n, k, NULL, &p, x, &r) == ICBS_SA_OK, "n = 700");
+    CHECK(count_ones(x, n) == k, "%lld ones", (long long)count_ones(x, n));
+    const double exact = energy(Q, n, x);
+    CHECK(fabs(e[r.best_restart] - exact) <= 1e-9 * fabs(exact), "%.12g vs %.12g",
+          e[r.best_restart], exact);
+    for (int t = 0; t < 4; t++) {
+        CHECK(e[r.best_restart] <= e[t], "restart %d beat the best", t);
+        CHECK(sweeps[t] >= 1 && sweeps[t] <= r.num_betas, "sweeps %lld",
+              (long long)sweeps[t]);
+        CHECK(accepted[t] > 0, "restart %d accepted nothing", t);
+    }
+    free(Q);
+    free(x);
+}
+
+int main(void) {
+    test_exact_on_small_problems();
+    test_same_answer_for_any_thread_count();
+    test_trivial_cardinalities();
+    test_warm_start();
+    test_bad_arguments();
+    test_auto_range();
+    test_larger_problem();
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}

@@ -1,0 +1,311 @@
+"""QAOA circuits and the two Amazon Braket backends (no network: LocalSimulator)."""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("braket.devices")
+
+from botocore.exceptions import (  # noqa: E402
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
+from braket.circuits import Circuit  # noqa: E402
+from braket.device_schema import DeviceActionType  # noqa: E402
+from braket.devices import LocalSimulator  # noqa: E402
+
+from icbs_opt.backends import get_backend  # noqa: E402
+from icbs_opt.backends.braket import (  # noqa: E402
+    BraketBackend,
+    _direct_probabilities,
+    _explain,
+)
+from icbs_opt.backends.qaoa import (  # noqa: E402
+    Ansatz,
+    SampleTally,
+    dicke_state,
+    linear_ramp,
+    mixer_edges,
+)
+from icbs_opt.errors import BackendError, BackendUnavailable, ProblemTooLarge  # noqa: E402
+from icbs_opt.problems import BlockProblem, random_problem  # noqa: E402
+from icbs_opt.testing import exact_optimum  # noqa: E402
+
+FAST = {"p": 1, "maxiter": 6, "shots": 500}
+
+
+def statevector(circ: Circuit) -> np.ndarray:
+    """Amplitudes from Braket's LocalSimulator (qubit 0 most significant)."""
+    task = LocalSimulator("braket_sv").run(Circuit().add_circuit(circ).state_vector())
+    return np.asarray(task.result().values[0])
+
+
+def weights(n: int) -> np.ndarray:
+    return np.array([bin(i).count("1") for i in range(2**n)])
+
+
+# ------------------------------------------------------------------ circuits
+@pytest.mark.parametrize("n", range(1, 7))
+def test_dicke_state_is_uniform_on_weight_k(n):
+    for k in range(n + 1):
+        amp = statevector(dicke_state(n, k))
+        expected = (weights(n) == k) / math.sqrt(math.comb(n, k))
+        np.testing.assert_allclose(amp, expected, atol=1e-9, err_msg=f"n={n} k={k}")
+
+
+def test_dicke_state_rejects_bad_k():
+    with pytest.raises(ValueError, match="got n=3, k=4"):
+        dicke_state(3, 4)
+
+
+@pytest.mark.parametrize("graph", ["ring", "complete"])
+@pytest.mark.parametrize("gate_set", ["compact", "basic"])
+def test_xy_ansatz_preserves_hamming_weight(graph, gate_set):
+    problem = random_problem(6, 2, seed=1)
+    ansatz = Ansatz(problem, p=2, mixer="xy", graph=graph, gate_set=gate_set)
+    angles = np.random.default_rng(0).uniform(-2, 2, size=4)
+    probs = np.abs(statevector(ansatz.circuit(angles))) ** 2
+    assert probs[weights(6) != 2].sum() < 1e-12
+    assert probs.sum() == pytest.approx(1.0)
+    assert np.ptp(probs[weights(6) == 2]) > 1e-3  # the angles did something
+
+
+@pytest.mark.parametrize("mixer", ["xy", "x"])
+def test_gate_sets_prepare_the_same_state(mixer):
+    problem = random_problem(5, 2, seed=4)
+    angles = np.array([0.3, -0.7, 0.5, 0.9])
+    states = [
+        statevector(Ansatz(problem, p=2, mixer=mixer, gate_set=g).circuit(angles))
+        for g in ("compact", "basic")
+    ]
+    overlap = abs(np.vdot(states[0], states[1]))
+    assert overlap == pytest.approx(1.0, abs=1e-9)
+
+
+def test_direct_engine_matches_local_simulator():
+    problem = random_problem(6, 3, seed=2)
+    circ = Ansatz(problem, p=2, mixer="xy").circuit(linear_ramp(2))
+    sim = LocalSimulator("braket_sv").run(circ.probability(), shots=0)
+    np.testing.assert_allclose(
+        _direct_probabilities(circ, 6), sim.result().values[0], atol=1e-12
+    )
+
+
+def test_mixer_edges():
+    assert mixer_edges(4, "ring") == [(0, 1), (2, 3), (1, 2), (3, 0)]
+    assert len(mixer_edges(5, "complete")) == 10
+    assert mixer_edges(1, "ring") == []
+    with pytest.raises(ValueError, match="got 'star'"):
+        mixer_edges(4, "star")
+
+
+def test_tally_repairs_infeasible_samples():
+    problem = random_problem(6, 3, seed=0)
+    tally = SampleTally(problem, penalty=1.0)
+    tally.add(np.array([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1]]))
+    x, repaired = tally.answer()
+    assert repaired and problem.is_feasible(x)
+    assert tally.feasible_shots == 0 and tally.shots == 2
+
+
+# ------------------------------------------------------------- braket-local
+def test_every_xy_sample_is_feasible_and_n8_exact():
+    backend = get_backend("braket-local", **FAST)
+    for seed in range(3):
+        problem = random_problem(8, 3 + seed, seed=10 + seed)
+        sol = backend.solve(problem, seed=seed)
+        assert sol.info["raw_feasible_fraction"] == 1.0
+        assert sol.energy == pytest.approx(exact_optimum(problem), abs=1e-12)
+        assert sol.info["evaluations"] == len(sol.info["history"]) <= 7
+        assert sol.info["shots"] == 500 * sol.info["evaluations"]
+        assert sol.info["depth"] > 0 and sol.info["gate_counts"]["xy"] == 8
+
+
+def test_x_mixer_returns_repaired_feasible_answers():
+    backend = get_backend(
+        "braket-local", mixer="x", penalty=0.0, p=1, maxiter=3, shots=4
+    )
+    problem = random_problem(8, 1, seed=3)
+    sol = backend.solve(problem, seed=0)
+    assert sol.feasible
+    assert sol.info["raw_feasible_fraction"] < 1.0
+    if sol.info["best_raw_energy"] is None:
+        assert sol.info["repaired"]
+
+
+def test_engines_agree():
+    problem = random_problem(6, 3, seed=8)
+    sols = [
+        get_backend("braket-local", engine=e, **FAST).solve(problem, seed=5)
+        for e in ("direct", "device")
+    ]
+    assert sols[0].x.tolist() == sols[1].x.tolist()
+    np.testing.assert_allclose(sols[0].info["history"], sols[1].info["history"])
+
+
+def test_local_size_limit_suggests_block_size():
+    backend = get_backend("braket-local")
+    assert backend.size_limit() == 16
+    with pytest.raises(ProblemTooLarge, match=r"--block-size 16"):
+        backend.solve(BlockProblem(np.eye(17), 8))
+
+
+def test_initial_angles_option():
+    backend = get_backend("braket-local", p=1, maxiter=2, initial_angles="0.2,0.4")
+    assert backend.parameters["initial_angles"] == (0.2, 0.4)
+    assert backend.solve(random_problem(5, seed=0), seed=0).feasible
+    with pytest.raises(BackendError, match="needs 2p = 4 values, got 3"):
+        get_backend("braket-local", p=2, initial_angles="0.1,0.2,0.3")
+
+
+# ---------------------------------------------------------- braket (cloud)
+class _Device(LocalSimulator):
+    """A LocalSimulator reporting another status or gate list (device seam)."""
+
+    def __init__(self, *, status="AVAILABLE", gates=None, backend="braket_sv"):
+        super().__init__(backend)
+        self._fake_status, self._gates = status, gates
+
+    @property
+    def status(self):
+        return self._fake_status
+
+    @property
+    def properties(self):
+        props = super().properties
+        if self._gates is not None:
+            props = props.copy(deep=True)  # schemas use the pydantic v1 API
+            props.action[DeviceActionType.OPENQASM].supportedOperations = self._gates
+        return props
+
+
+def test_cloud_path_on_local_simulator():
+    backend = get_backend("braket", device=LocalSimulator(), **FAST)
+    problem = random_problem(6, 3, seed=1)
+    sol = backend.solve(problem, seed=0)
+    assert sol.energy == pytest.approx(exact_optimum(problem), abs=1e-12)
+    info = sol.info
+    assert info["gate_set"] == "compact" and info["device"] == "LocalSimulator"
+    assert len(info["task_ids"]) == info["evaluations"]
+    assert info["tracker"]["estimated_cost_usd"] == 0.0  # local tasks cost nothing
+    assert info["raw_feasible_fraction"] == 1.0
+
+
+def test_cloud_basic_gate_set_when_device_lacks_xy():
+    device = _Device(gates=["x", "h", "rx", "ry", "rz", "cnot"])
+    backend = get_backend("braket", device=device, **FAST)
+    problem = random_problem(5, 2, seed=6)
+    sol = backend.solve(problem, seed=0)
+    assert sol.info["gate_set"] == "basic"
+    assert set(sol.info["gate_counts"]) <= {"x", "h", "rx", "ry", "rz", "cnot"} | {
+        "total",
+        "two_qubit",
+    }
+    assert sol.energy == pytest.approx(exact_optimum(problem), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("device", "n", "message"),
+    [
+        (_Device(status="OFFLINE"), 4, "is OFFLINE, not ONLINE"),
+        (_Device(backend="braket_dm"), 14, r"needs n = 14 qubits .*--block-size 13"),
+        (_Device(gates=["x", "h", "rz"]), 4, "lacks the gates cnot, rx, ry"),
+    ],
+)
+def test_cloud_device_failures(device, n, message):
+    backend = get_backend("braket", device=device, **FAST)
+    with pytest.raises(BackendUnavailable, match=message):
+        backend.solve(random_problem(n, seed=0), seed=0)
+
+
+def test_cloud_failed_task():
+    class FailedTask:
+        id = "task-1"
+
+        def result(self):
+            return None
+
+        def state(self):
+            return "FAILED"
+
+        def metadata(self):
+            return {"failureReason": {"message": "circuit too deep"}}
+
+    class FailingDevice(LocalSimulator):
+        def run(self, *args, **kwargs):
+            return FailedTask()
+
+    backend = get_backend("braket", device=FailingDevice(), **FAST)
+    with pytest.raises(BackendUnavailable, match="ended FAILED: circuit too deep"):
+        backend.solve(random_problem(4, seed=0), seed=0)
+
+
+@pytest.fixture
+def no_aws(monkeypatch, tmp_path):
+    """An environment with no AWS configuration at all."""
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    return monkeypatch
+
+
+SV1 = "arn:aws:braket:::device/quantum-simulator/amazon/sv1"
+FORTE = "arn:aws:braket:us-east-1::device/qpu/ionq/Forte-1"
+
+
+def test_cloud_unavailable_reasons(no_aws):
+    assert "no device ARN configured" in BraketBackend().unavailable_reason()
+    assert "no AWS region" in BraketBackend(device_arn=SV1).unavailable_reason()
+    no_aws.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    reason = BraketBackend(device_arn=SV1).unavailable_reason()
+    assert reason.startswith("no AWS credentials found")
+    with pytest.raises(BackendUnavailable, match="no AWS credentials found"):
+        get_backend("braket", device_arn=FORTE)
+    no_aws.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    no_aws.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    assert BraketBackend(device_arn=FORTE).unavailable_reason() is None
+
+
+def test_cloud_rejects_malformed_arn():
+    with pytest.raises(BackendError, match="option 'device_arn' .* got 'sv1'"):
+        get_backend("braket", device_arn="sv1")
+
+
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (
+            ClientError(
+                {"Error": {"Code": "AccessDeniedException", "Message": "nope"}},
+                "GetDevice",
+            ),
+            "access to device X was denied",
+        ),
+        (
+            ClientError(
+                {"Error": {"Code": "ResourceNotFoundException", "Message": "?"}},
+                "GetDevice",
+            ),
+            "device X is unknown to Amazon Braket",
+        ),
+        (ValueError("QPU 'X' not found"), "device X is unknown to Amazon Braket"),
+        (NoCredentialsError(), "no AWS credentials found"),
+        (EndpointConnectionError(endpoint_url="https://x"), "cannot reach Amazon"),
+    ],
+)
+def test_cloud_error_messages(exc, message):
+    assert _explain(exc, "X").startswith(message)

@@ -1,0 +1,223 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icbs_opt.derivatives import (
+    block_derivatives,
+    exact_block_hessian,
+    input_column_norms,
+    layer_gradients,
+    per_sample_block_gradients,
+    split_batch,
+)
+from icbs_opt.errors import PruningError
+
+
+def ce_loss(model, X, y):
+    return F.cross_entropy(model(X), y)
+
+
+def seq_loss(model, X, y):  # token-mean cross-entropy over (B, T)
+    logits = model(X)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def brute_per_sample(model, loss_fn, X, y, module, idx):
+    rows = []
+    for s in range(len(X)):
+        (g,) = torch.autograd.grad(
+            loss_fn(model, X[s : s + 1], y[s : s + 1]), module.weight
+        )
+        rows.append(g.reshape(-1)[idx])
+    return torch.stack(rows).double()
+
+
+def mlp():
+    torch.manual_seed(0)
+    # in-place ReLU: the hook must see the gradient of the Linear output itself
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+
+
+def convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding="same", padding_mode="reflect", dilation=1),
+        nn.ReLU(),
+        nn.Conv2d(5, 2, 2, padding="valid"),
+        nn.Flatten(),
+        nn.Linear(2 * 5 * 5, 3),
+    )
+
+
+IDX = torch.tensor([0, 3, 5, 7, 13, 17, 23])
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("max_batch_size", [None, 3])
+def test_per_sample_linear_matches_brute_force(layer, max_batch_size):
+    model = mlp()
+    X, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    mod = model[layer]
+    G = per_sample_block_gradients(
+        model, ce_loss, X, y, mod, IDX, max_batch_size=max_batch_size
+    )
+    assert G.shape == (10, len(IDX)) and G.dtype == torch.float64
+    torch.testing.assert_close(G, brute_per_sample(model, ce_loss, X, y, mod, IDX))
+    (full,) = layer_gradients(model, ce_loss, X, y, [mod])
+    torch.testing.assert_close(G.mean(0), full.reshape(-1)[IDX].double())
+
+
+def test_per_sample_sequence_inputs():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    X, y = torch.randn(5, 7, 6), torch.randint(0, 4, (5, 7))
+    G = per_sample_block_gradients(
+        model, seq_loss, X, y, model[0], IDX, max_batch_size=2
+    )
+    torch.testing.assert_close(
+        G, brute_per_sample(model, seq_loss, X, y, model[0], IDX)
+    )
+
+
+@pytest.mark.parametrize("layer", [0, 2, 4])
+def test_per_sample_conv_matches_brute_force(layer):
+    model = convnet()
+    X, y = torch.randn(6, 3, 12, 12), torch.randint(0, 3, (6,))
+    mod = model[layer]
+    G = per_sample_block_gradients(model, ce_loss, X, y, mod, IDX)
+    torch.testing.assert_close(G, brute_per_sample(model, ce_loss, X, y, mod, IDX))
+
+
+def test_per_sample_shared_module_sums_calls():
+    torch.manual_seed(2)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 2))
+    X, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    idx = torch.tensor([0, 5, 10, 15])
+    G = per_sample_block_gradients(model, ce_loss, X, y, lin, idx)
+    torch.testing.assert_close(G, brute_per_sample(model, ce_loss, X, y, lin, idx))
+
+
+def test_frozen_weights_get_gradients_and_stay_frozen():
+    model = mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    X, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    G = per_sample_block_gradients(model, ce_loss, X, y, model[2], IDX)
+    assert G.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model[2].weight.grad is None
+
+
+def full_hessian(model, loss_fn, X, y, module):
+    w = module.weight
+
+    def f(flat):
+        saved = module.weight
+        del module.weight
+        module.weight = flat.reshape(w.shape)
+        try:
+            return loss_fn(model, X, y)
+        finally:
+            module.weight = saved
+
+    return torch.autograd.functional.hessian(f, w.detach().reshape(-1).clone())
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_exact_hessian_matches_autograd(chunk):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    idx = torch.tensor([1, 2, 8, 11, 19])
+    g, H = exact_block_hessian(
+        model, ce_loss, X, y, model[0], idx, chunk_size=chunk, max_batch_size=4
+    )
+    ref = full_hessian(model, ce_loss, X, y, model[0])[idx][:, idx].double()
+    torch.testing.assert_close(H, ref, rtol=1e-5, atol=1e-7)
+    (full,) = layer_gradients(model, ce_loss, X, y, [model[0]])
+    torch.testing.assert_close(g, full.reshape(-1)[idx].double())
+
+
+def test_exact_hessian_of_linear_loss_is_zero():
+    model = nn.Linear(3, 1, bias=False)
+    X = torch.randn(4, 3)
+    g, H = exact_block_hessian(model, lambda m, X, y: m(X).mean(), X, X, model, [0, 1])
+    assert H.abs().max() == 0
+    torch.testing.assert_close(g, X.mean(0)[:2].double())
+
+
+@pytest.mark.parametrize(
+    "hessian", ["gradient_per_sample", "gradient_mean", "exact", "exact_piecewise"]
+)
+def test_block_derivatives_models(hessian):
+    model = mlp()
+    X, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    g, H, t_g, t_h = block_derivatives(
+        model, ce_loss, X, y, model[0], IDX, hessian, chunk_size=2
+    )
+    assert g.shape == (len(IDX),) and H.shape == (len(IDX), len(IDX))
+    assert g.dtype == H.dtype == torch.float64
+    assert t_g >= 0 and t_h >= 0
+    torch.testing.assert_close(H, H.T)
+    (full,) = layer_gradients(model, ce_loss, X, y, [model[0]])
+    torch.testing.assert_close(g, full.reshape(-1)[IDX].double())
+    if hessian == "gradient_per_sample":
+        G = brute_per_sample(model, ce_loss, X, y, model[0], IDX)
+        torch.testing.assert_close(H, G.T @ G / len(X))
+    if hessian == "gradient_mean":
+        torch.testing.assert_close(H, torch.outer(g, g) / len(X))
+
+
+def test_block_derivatives_bad_model_name():
+    model = mlp()
+    with pytest.raises(PruningError, match="'fisher'"):
+        block_derivatives(
+            model,
+            ce_loss,
+            torch.randn(2, 6),
+            torch.zeros(2).long(),
+            model[0],
+            IDX,
+            "fisher",
+        )
+
+
+def test_non_scalar_loss_raises():
+    model = mlp()
+    with pytest.raises(PruningError, match="scalar"):
+        per_sample_block_gradients(
+            model, lambda m, X, y: m(X), torch.randn(2, 6), None, model[0], IDX
+        )
+
+
+def test_unsupported_module_raises():
+    model = nn.Sequential(nn.Embedding(5, 3))
+    with pytest.raises(PruningError, match="Embedding"):
+        per_sample_block_gradients(
+            model, ce_loss, torch.zeros(2).long(), None, model[0], [0]
+        )
+
+
+def test_input_column_norms():
+    model = convnet()
+    X, y = torch.randn(5, 3, 12, 12), torch.randint(0, 3, (5,))
+    norms = input_column_norms(
+        model, ce_loss, X, y, [model[0], model[6]], max_batch_size=2
+    )
+    torch.testing.assert_close(norms[0], X.double().pow(2).sum((0, 2, 3)).sqrt())
+    assert norms[1].shape == (50,)
+    with pytest.raises(PruningError, match="never called"):
+        input_column_norms(model, ce_loss, X, y, [nn.Linear(2, 2)])
+
+
+def test_split_batch():
+    X = torch.arange(7)
+    parts = split_batch(X, X, 3)
+    assert [len(a) for a, _ in parts] == [3, 3, 1]
+    assert split_batch(X, X, None)[0][0] is X
+    with pytest.raises(PruningError, match="empty"):
+        split_batch(X[:0], X[:0], 2)

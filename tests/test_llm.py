@@ -1,0 +1,370 @@
+"""Causal-LM adapter: tiny seeded Llama models built here, nothing downloaded."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    DistilBertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from icbs_opt import llm  # noqa: E402
+from icbs_opt.derivatives import (  # noqa: E402
+    layer_gradients,
+    per_sample_block_gradients,
+    record_layer,
+)
+from icbs_opt.errors import DataError  # noqa: E402
+from icbs_opt.pruning import Pruner, prune  # noqa: E402
+from icbs_opt.tasks import get_task, task_names  # noqa: E402
+
+WORDS = "the cat sat on a mat and dog ran to big red house".split()
+
+
+def tiny_llama(vocab: int = 32, tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return llm._prepare(LlamaForCausalLM(config))
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def write_text(path, n_words: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (n_words,), generator=g).tolist()
+    lines = [" ".join(WORDS[i] for i in idx[j : j + 10]) for j in range(0, n_words, 10)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    write_text(tmp_path / "valid.txt", 400, seed=1)
+    write_text(tmp_path / "test.txt", 200, seed=2)
+    return tmp_path
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_prunable_layers_are_the_block_linears(tie):
+    model = tiny_llama(tie=tie)
+    names = llm.prunable_layers(model)
+    per_block = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+    per_block = [f"self_attn.{n}" for n in per_block[:4]] + [
+        f"mlp.{n}" for n in (*per_block[4:], "down_proj")
+    ]
+    assert names == [f"model.layers.{i}.{n}" for i in range(2) for n in per_block]
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n], nn.Linear) for n in names)
+    assert not any("embed" in n or "lm_head" in n for n in names)
+
+
+def test_prunable_layers_error_without_blocks():
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.config = SimpleNamespace(num_hidden_layers=3)
+    with pytest.raises(Exception, match="num_hidden_layers = 3"):
+        llm.prunable_layers(model)
+
+
+@pytest.mark.parametrize(
+    "layer", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+)
+def test_hook_per_sample_block_gradients_equal_autograd(layer):
+    model = tiny_llama()
+    module = dict(model.named_modules())[layer]
+    X = torch.randint(0, 32, (5, 12), generator=torch.Generator().manual_seed(3))
+    idx = torch.randperm(module.weight.numel(), generator=torch.Generator())[:20]
+    G = per_sample_block_gradients(
+        model, llm.causal_lm_loss, X, X, module, idx, max_batch_size=2
+    )
+    assert G.shape == (5, 20)
+    module.weight.requires_grad_(True)
+    try:
+        for s in range(5):
+            loss = llm.causal_lm_loss(model, X[s : s + 1], X[s : s + 1])
+            (grad,) = torch.autograd.grad(loss, module.weight)
+            expect = grad.reshape(-1)[idx].double()
+            torch.testing.assert_close(G[s], expect, atol=1e-5, rtol=0)
+    finally:
+        module.weight.requires_grad_(False)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_layer_tape_matches_autograd_and_runs_once():
+    model = tiny_llama()
+    layer = "model.layers.1.mlp.up_proj"
+    module = dict(model.named_modules())[layer]
+    X = torch.randint(0, 32, (5, 12), generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def loss_fn(m, Xb, yb):
+        calls.append(len(Xb))
+        return llm.causal_lm_loss(m, Xb, yb)
+
+    tape = record_layer(model, loss_fn, X, X, module, max_batch_size=2)
+    assert calls == [2, 2, 1]
+    idx = torch.arange(0, module.weight.numel(), 7)
+    G = per_sample_block_gradients(model, llm.causal_lm_loss, X, X, module, idx)
+    torch.testing.assert_close(
+        tape.per_sample_block_gradients(idx), G, atol=1e-6, rtol=0
+    )
+    (grad,) = layer_gradients(model, llm.causal_lm_loss, X, X, [module])
+    torch.testing.assert_close(tape.gradient(), grad, atol=1e-6, rtol=0)
+    # a gradient-selection, per-sample-Fisher step runs the model once per sub-batch
+    pruner = Pruner(
+        model,
+        loss_fn,
+        0.5,
+        backend="exhaustive",
+        layers=[layer],
+        block_size=8,
+        selection="gradient",
+        hessian="gradient_per_sample",
+        max_batch_size=2,
+    )
+    calls.clear()
+    record = pruner.step(X, X)
+    assert calls == [2, 2, 1]
+    assert record.seconds.forward_backward > 0
+
+
+class BigramLM(nn.Module):
+    """A toy causal LM: logits depend on the current token only."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, use_cache=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_perplexity_matches_hand_computation():
+    table = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-1.0, 1.0, 3.0]])
+    windows = torch.tensor([[0, 1, 2, 2], [2, 0, 0, 1], [1, 1, 0, 2]])
+    nll, count = 0.0, 0
+    for row in windows.tolist():
+        for cur, nxt in zip(row[:-1], row[1:], strict=True):
+            logits = table[cur].tolist()
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            nll += log_z - logits[nxt]
+            count += 1
+    expect = math.exp(nll / count)
+    model = BigramLM(table)
+    for batch_size in (1, 2, 3):
+        assert llm.perplexity(model, windows, batch_size) == pytest.approx(expect)
+    result = llm.perplexity_evaluator(windows, 2)(model)
+    assert result["metric"] == pytest.approx(expect)
+    assert result["loss"] == pytest.approx(nll / count)
+    loss = llm.causal_lm_loss(model, windows, windows)
+    assert float(loss) == pytest.approx(nll / count)
+
+
+def test_text_windows_and_batches(text_dir):
+    tok = word_tokenizer()
+    W = llm.text_windows(tok, text_dir / "valid.txt", seq_len=16)
+    ids = tok((text_dir / "valid.txt").read_text(), add_special_tokens=False)
+    assert W.shape == (400 // 16, 16)
+    assert W.reshape(-1).tolist() == ids["input_ids"][: W.numel()]
+    assert llm.text_windows(tok, text_dir / "valid.txt", 16, max_windows=3).shape == (
+        3,
+        16,
+    )
+    batches = llm.window_batches(W, 4, seed=7)
+    first = [next(batches) for _ in range(6)]  # one pass = 25 // 4 = 6 batches
+    again = llm.window_batches(W, 4, seed=7)
+    for X, y in first:
+        assert X.shape == (4, 16) and y is X
+        assert torch.equal(X, next(again)[0])
+    rows = {tuple(r) for X, _ in first for r in X.tolist()}
+    assert len(rows) == 24  # no window twice in a pass
+    with pytest.raises(DataError, match="batch_size must be in"):
+        next(llm.window_batches(W, 26, seed=0))
+
+
+def test_text_errors(tmp_path, monkeypatch):
+    tok = word_tokenizer()
+    with pytest.raises(DataError, match="seq_len must be an integer >= 2, got 1"):
+        llm.text_windows(tok, tmp_path / "x.txt", seq_len=1)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat")
+    with pytest.raises(DataError, match="fewer than one window of seq_len = 8"):
+        llm.text_windows(tok, short, seq_len=8)
+    with pytest.raises(DataError, match="cannot read text file"):
+        llm.text_windows(tok, tmp_path / "absent.txt", seq_len=8)
+    monkeypatch.delenv(llm.DATA_ENV, raising=False)
+    monkeypatch.setattr(llm, "_REPO", tmp_path / "repo")
+    with pytest.raises(DataError, match="pass --data-dir"):
+        llm.resolve_data_dir()
+    monkeypatch.setenv(llm.DATA_ENV, str(tmp_path))
+    assert llm.resolve_data_dir() == tmp_path
+    assert llm.resolve_data_dir(tmp_path / "d") == tmp_path / "d"
+
+
+def test_missing_data_file_is_a_data_error(text_dir):
+    model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
+    missing = text_dir / "nope.txt"
+    with pytest.raises(DataError, match=r"nope\.txt' does not exist"):
+        llm.causal_lm_task("t", model, tok, source="tiny", eval_file=missing)
+    with pytest.raises(DataError, match=r"valid\.txt' does not exist"):
+        llm.causal_lm_task("t", model, tok, source="tiny", data_dir=text_dir / "x")
+
+
+def test_not_a_causal_lm_directory(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        llm.load_causal_lm(tmp_path / "absent")
+    with pytest.raises(DataError, match="no config.json"):
+        llm.load_causal_lm(tmp_path)
+    encoder = tmp_path / "distilbert"
+    DistilBertConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2).save_pretrained(
+        encoder
+    )
+    with pytest.raises(DataError, match="'distilbert' model, which is not a causal"):
+        llm.load_causal_lm(encoder)
+    with pytest.raises(DataError, match="'distilbert' model"):
+        get_task("causal-lm", model=str(encoder))
+    tiny_llama().config.save_pretrained(tmp_path / "noweights")
+    with pytest.raises(DataError, match="cannot load the causal LM"):
+        llm.load_causal_lm(tmp_path / "noweights")
+
+
+def test_save_load_round_trip(tmp_path):
+    model, tok = tiny_llama(vocab=len(WORDS) + 1, tie=True), word_tokenizer()
+    layers = llm.prunable_layers(model)
+    with torch.no_grad():
+        for name in layers[:3]:
+            w = dict(model.named_modules())[name].weight
+            w.view(-1)[::2] = 0
+    windows = torch.randint(0, len(WORDS) + 1, (3, 10))
+    files = llm.save_causal_lm(model, tok, tmp_path / "out")
+    assert tmp_path / "out" / "model.safetensors" in files
+    loaded, tok2 = llm.load_causal_lm(tmp_path / "out")
+    assert llm.perplexity(loaded, windows) == pytest.approx(
+        llm.perplexity(model, windows), rel=1e-6
+    )
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert llm.layer_density(loaded, layers) == llm.layer_density(model, layers) < 1
+    assert tok2("the cat")["input_ids"] == tok("the cat")["input_ids"]
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_task_prunes_a_tiny_llama(text_dir, tmp_path):
+    model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
+    task = llm.causal_lm_task(
+        "tiny",
+        model,
+        tok,
+        source="tiny",
+        seq_len=16,
+        data_dir=text_dir,
+        eval_windows=4,
+        calib_windows=4,
+        batch_size=4,
+    )
+    assert task.metric == "perplexity" and not task.higher_is_better
+    assert task.info["eval_tokens"] == 64 and task.calibration[0].shape == (4, 16)
+    pruner = Pruner(
+        task.model,
+        task.loss_fn,
+        0.5,
+        backend="exhaustive",
+        layers=task.layers,
+        calibration=task.calibration,
+        block_size=8,
+        init="wanda_per_output",
+        selection="gradient",
+        max_batch_size=3,
+    )
+    result = prune(pruner, task.batches(0), 3, evaluate=task.evaluate)
+    assert [h["step"] for h in result.history] == [0, 3]
+    assert all(math.isfinite(h["metric"]) for h in result.history)
+    assert llm.layer_density(task.model, task.layers) == pytest.approx(0.5, abs=0.01)
+    files = task.save_model(task.model, tmp_path / "saved")
+    assert files
+    loaded, _ = llm.load_causal_lm(tmp_path / "saved")
+    assert task.evaluate(loaded)["metric"] == pytest.approx(
+        result.history[-1]["metric"], rel=1e-6
+    )
+
+
+def test_tasks_are_registered():
+    assert {"smollm2-135m", "causal-lm"} <= set(task_names())
+
+
+def test_cli_evaluate(text_dir, tmp_path, capsys):
+    from icbs_opt.cli import main
+
+    model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
+    llm.save_causal_lm(model, tok, tmp_path / "m")
+    args = ["evaluate", "--model", str(tmp_path / "m"), "--data-dir", str(text_dir)]
+    assert main([*args, "--seq-len", "16", "--eval-windows", "3", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    windows = llm.text_windows(tok, text_dir / "test.txt", 16, 3)
+    assert record["perplexity"] == pytest.approx(llm.perplexity(model, windows))
+    assert record["density"] == 1.0 and record["eval_windows"] == 3
+    assert main(["evaluate", "--model", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_task(wikitext_dir, smollm2_available):
+    task = get_task(
+        "smollm2-135m",
+        data_dir=str(wikitext_dir),
+        seq_len=64,
+        eval_windows=2,
+        calib_windows=2,
+    )
+    assert len(task.layers) == 30 * 7
+    assert task.model.config.tie_word_embeddings
+    ppl = task.evaluate(task.model)["metric"]
+    assert 5 < ppl < 200
+
+
+def test_cli_prune_model_dir_then_evaluate(text_dir, tmp_path, capsys):
+    from icbs_opt.cli import main
+
+    model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
+    llm.save_causal_lm(model, tok, tmp_path / "m")
+    data = ["--data-dir", str(text_dir), "--seq-len", "16", "--eval-windows", "3"]
+    out, summary = tmp_path / "pruned", tmp_path / "s.json"
+    argv = ["prune", "--model", str(tmp_path / "m"), *data, "--calib-windows", "4"]
+    argv += ["--batch-size", "4", "--density", "0.5", "--steps", "2"]
+    argv += ["--block-size", "8", "--backend", "exhaustive", "--no-progress"]
+    argv += ["--init", "wanda_per_output", "--json", str(summary), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads(summary.read_text())
+    assert record["task"] == "causal-lm" and record["metric"] == "perplexity"
+    assert record["final"]["density"] == pytest.approx(0.5, abs=0.01)
+    for name in ("config.json", "prune_config.json", "masks.safetensors"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "prune_config.json").read_text())["task"] == "causal-lm"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), *data, "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["perplexity"] == pytest.approx(record["final"]["metric"], rel=1e-6)
+    assert evaluated["density"] == pytest.approx(record["final"]["density"])

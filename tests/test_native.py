@@ -1,0 +1,329 @@
+"""The native SA backend: its C core, binding and Python wrapper."""
+
+import multiprocessing
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icbs_opt.backends import get_backend
+from icbs_opt.errors import BackendError, ProblemError
+from icbs_opt.problems import BlockProblem, random_problem
+
+_native = pytest.importorskip("icbs_opt._native")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def native(**options):
+    return get_backend("native", **options)
+
+
+def exhaustive_energy(problem):
+    return get_backend("exhaustive").solve(problem).energy
+
+
+# ------------------------------------------------------------------ C core
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "serial"])
+def test_c_core_tests_pass(tmp_path, openmp):
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    if not (REPO / "native/test_sa.c").is_file():
+        pytest.skip("native/test_sa.c is not here (installed from an sdist?)")
+    exe = tmp_path / "test_sa"
+    cmd = [gcc, "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"]
+    cmd += ["-fopenmp"] if openmp else []
+    cmd += [str(REPO / "native/test_sa.c"), str(REPO / "native/sa.c"), "-lm"]
+    build = subprocess.run([*cmd, "-o", str(exe)], capture_output=True, text=True)
+    if openmp and build.returncode != 0 and "fopenmp" in build.stderr:
+        pytest.skip("gcc has no OpenMP here")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith(", 0 failed"), run.stdout
+
+
+# --------------------------------------------------------------- answers
+@pytest.mark.parametrize("n", [8, 12, 16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_optimum_against_exhaustive(n, seed):
+    for k in (1, n // 2, n - 1):
+        problem = random_problem(n, k, seed=1000 * seed + 10 * n + k)
+        sol = native().solve(problem, seed=seed)
+        assert sol.feasible
+        assert sol.energy == pytest.approx(exhaustive_energy(problem), abs=1e-9)
+
+
+@pytest.mark.parametrize(("n", "k"), [(2, 1), (3, 2), (50, 7), (300, 150), (300, 299)])
+def test_feasible_and_energy_consistent(n, k):
+    problem = random_problem(n, k, seed=n + k)
+    sol = native(num_restarts=3).solve(problem, seed=5)
+    assert sol.feasible and int(sol.x.sum()) == k
+    assert sol.x.dtype == np.int8
+    info = sol.info
+    assert min(info["restart_energies"]) == pytest.approx(sol.energy, rel=1e-12)
+    assert info["restart_energies"][info["best_restart"]] == min(
+        info["restart_energies"]
+    )
+
+
+def test_same_seed_same_answer_for_any_thread_count():
+    problem = random_problem(600, 250, seed=9)  # n >= 512 runs restarts in parallel
+    runs = [
+        native(num_restarts=6, num_threads=t).solve(problem, seed=3) for t in (1, 2, 0)
+    ]
+    for sol in runs[1:]:
+        assert sol.x.tolist() == runs[0].x.tolist()
+        assert sol.info["restart_energies"] == runs[0].info["restart_energies"]
+        assert sol.info["restart_sweeps"] == runs[0].info["restart_sweeps"]
+    if _native.openmp and _native.max_threads() > 1:
+        assert runs[1].info["num_threads"] == 2
+    assert runs[0].info["num_threads"] == 1
+    other = native(num_restarts=6).solve(problem, seed=4)
+    assert other.info["restart_energies"] != runs[0].info["restart_energies"]
+
+
+def test_unseeded_runs_report_their_seed():
+    problem = random_problem(200, seed=2)
+    first = native(num_restarts=2).solve(problem)
+    again = native(num_restarts=2).solve(problem, seed=None)
+    assert first.info["seed"] != again.info["seed"]
+    assert 0 <= first.info["seed"] < 2**64
+
+
+# ------------------------------------------------------------ warm starts
+def test_warm_start_at_optimum_with_cold_schedule_stays():
+    problem = random_problem(12, 5, seed=4)
+    opt = get_backend("exhaustive").solve(problem)
+    cold = native(schedule="fixed", beta_min=1e6, beta_max=1e6, num_restarts=4)
+    sol = cold.solve(problem, seed=0, x0=opt.x)
+    assert sol.x.tolist() == opt.x.tolist()
+    assert sol.info["restart_energies"] == pytest.approx([opt.energy] * 4, abs=1e-12)
+    assert sol.info["restart_descent_swaps"] == [0] * 4
+
+
+def test_warm_start_is_used():
+    # Two basins: {0, 1} (energy -20) is a swap-local minimum, {2, 3} (-22) global.
+    Q = np.zeros((4, 4))
+    Q[0, 1] = Q[1, 0] = -10.0
+    Q[2, 3] = Q[3, 2] = -11.0
+    problem = BlockProblem(Q, 2)
+    cold = native(schedule="fixed", beta_min=1e6, beta_max=1e6, num_restarts=3)
+    assert cold.solve(problem, seed=0, x0=[1, 1, 0, 0]).x.tolist() == [1, 1, 0, 0]
+    assert native().solve(problem, seed=0).x.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_answer_never_worse_than_warm_start(seed):
+    problem = random_problem(60, 25, seed=seed)
+    x0 = problem.random_feasible(seed=seed)
+    hot = native(schedule="fixed", beta_min=1e-6, beta_max=1e-5, num_restarts=2)
+    sol = hot.solve(problem, seed=seed, x0=x0)
+    assert sol.energy <= problem.energy(x0) + 1e-12
+
+
+# ------------------------------------------------------- sizes and cases
+@pytest.mark.parametrize("k", [0, 1])
+def test_single_variable(k):
+    sol = native().solve(BlockProblem([[3.0]], k), seed=0)
+    assert sol.x.tolist() == [k]
+    assert sol.energy == 3.0 * k
+
+
+@pytest.mark.parametrize("k", [0, 7])
+def test_k_zero_and_k_n(k):
+    problem = random_problem(7, k, seed=1)
+    sol = native().solve(problem, seed=0)
+    assert sol.x.tolist() == [1 if k else 0] * 7
+    assert sol.info["restart_sweeps"] == [0] * 10
+    assert sol.energy == pytest.approx(problem.energy(sol.x))
+
+
+@pytest.mark.slow
+def test_n_16384_smoke_with_short_schedule():
+    # Through the binding: a BlockProblem of this size would hold several 2 GiB
+    # copies of Q; here Q (2 GiB) is made once. The diagonal makes the optimum
+    # known (the k smallest diagonal entries).
+    n, k = 16384, 8192
+    Q = np.zeros((n, n))
+    diag = np.random.default_rng(0).permutation(n).astype(np.float64)
+    Q[np.diag_indices(n)] = diag
+    x, info = _native.solve(
+        Q,
+        k,
+        None,
+        seed=1,
+        num_restarts=1,
+        beta_min=1.0,
+        beta_max=1.0,
+        beta_factor=1.1,
+        sweeps_per_beta=1,
+        num_threads=0,
+        auto_schedule=False,
+    )
+    assert x.dtype == np.int8 and int(x.sum()) == k
+    assert set(np.flatnonzero(x)) == set(np.argsort(diag)[:k])
+    assert info["num_betas"] == 1
+    assert info["restart_energies"][info["best_restart"]] == diag[diag < k].sum()
+
+
+# ---------------------------------------------------------------- schedule
+def test_info_auto_schedule():
+    problem = random_problem(100, seed=3)
+    info = native(num_restarts=3).solve(problem, seed=0).info
+    assert info["schedule"] == "auto"
+    assert info["beta_max"] == pytest.approx(1000 * info["beta_min"])
+    assert info["num_betas"] == 73  # floor(log(1000) / log(1.1)) + 1
+    assert info["sweep_size"] == 100
+    assert len(info["restart_energies"]) == len(info["restart_sweeps"]) == 3
+    assert all(1 <= s <= info["num_betas"] for s in info["restart_sweeps"])
+    assert info["openmp"] == bool(_native.openmp)
+
+
+def test_auto_schedule_follows_q_scale():
+    problem = random_problem(80, seed=6)
+    scaled = BlockProblem(problem.Q * 50.0, problem.k)
+    a = native().solve(problem, seed=1).info["beta_min"]
+    b = native().solve(scaled, seed=1).info["beta_min"]
+    assert b == pytest.approx(a / 50.0, rel=1e-4)
+
+
+def test_info_fixed_schedule_defaults_to_reference():
+    info = native(schedule="fixed").solve(random_problem(30, seed=0), seed=0).info
+    assert (info["beta_min"], info["beta_max"]) == (1e-3, 100.0)
+    assert info["num_betas"] == 121  # 1e-3 * 1.1**120 <= 100 < 1e-3 * 1.1**121
+    sweeps = native(schedule="fixed", sweeps_per_beta=3).solve(
+        random_problem(30, seed=0), seed=0
+    )
+    assert all(s % 3 == 0 for s in sweeps.info["restart_sweeps"])
+
+
+def test_releases_the_gil():
+    problem = random_problem(1200, seed=8)
+    backend = native(schedule="fixed", num_restarts=4, num_threads=1)
+    started = threading.Event()
+
+    def work():
+        started.set()
+        backend.solve(problem, seed=0)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    started.wait()
+    spins = 0
+    while thread.is_alive():
+        spins += 1
+    thread.join()
+    assert spins > 1000  # the main thread ran while the core was annealing
+
+
+def _solve_in_child(problem, queue):
+    sol = native(num_restarts=4).solve(problem, seed=0)
+    queue.put((sol.x.tolist(), sol.info["num_threads"]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_solves_after_parent_used_threads():
+    problem = random_problem(600, seed=0)
+    parent = native(num_restarts=4, num_threads=2).solve(problem, seed=0)
+    if parent.info["num_threads"] < 2:
+        pytest.skip("no OpenMP threads in this build")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_solve_in_child, args=(problem, queue))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():  # GNU libgomp's pool did not survive the fork: a hang
+        child.kill()
+        child.join()
+        pytest.fail("the forked child hung in the native solver")
+    assert child.exitcode == 0
+    x, threads = queue.get(timeout=5)
+    assert x == parent.x.tolist() and threads == 1
+
+
+# ------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"num_restarts": 0},
+            "option 'num_restarts' of backend 'native' got 0: expected an integer >= 1",
+        ),
+        ({"num_restarts": 2.5}, "'num_restarts'.*got 2.5"),
+        (
+            {"schedule": "hot"},
+            "option 'schedule'.*got 'hot': expected one of 'auto', 'fixed'",
+        ),
+        (
+            {"schedule": "fixed", "beta_min": 0},
+            "'beta_min'.*got 0: expected a finite number > 0",
+        ),
+        ({"schedule": "fixed", "beta_max": float("inf")}, "'beta_max'.*got inf"),
+        ({"beta_factor": 1.0}, "'beta_factor'.*got 1.0: expected a finite number > 1"),
+        ({"beta_factor": "x"}, "'beta_factor'.*got 'x': expected a finite number > 1"),
+        ({"sweeps_per_beta": 0}, "'sweeps_per_beta'.*got 0"),
+        ({"num_threads": -1}, "'num_threads'.*got -1: expected an integer >= 0"),
+        (
+            {"beta_min": 0.1},
+            "option 'beta_min' of backend 'native' applies only with "
+            "schedule='fixed', got beta_min=0.1 with schedule='auto'",
+        ),
+        ({"beta_max": 5}, "'beta_max' .*applies only with schedule='fixed'"),
+        (
+            {"schedule": "fixed", "beta_min": 10, "beta_max": 1},
+            "option 'beta_max' of backend 'native' must be >= beta_min, "
+            "got beta_min=10.0, beta_max=1.0",
+        ),
+        ({"schedule": "fixed", "beta_min": 500}, "got beta_min=500.0, beta_max=100.0"),
+        ({"restarts": 3}, "unknown option 'restarts' for backend 'native'"),
+    ],
+)
+def test_bad_options(options, match):
+    with pytest.raises(BackendError, match=match):
+        native(**options)
+
+
+def test_options_from_command_line_strings():
+    backend = native(num_restarts="3", schedule="fixed", beta_min="0.01")
+    assert backend.parameters["num_restarts"] == 3
+    assert backend.parameters["beta_min"] == 0.01
+
+
+def test_bad_solve_arguments():
+    problem = random_problem(6, 3, seed=0)
+    with pytest.raises(ProblemError, match="x0 must have exactly k = 3 ones, got 2"):
+        native().solve(problem, x0=[1, 1, 0, 0, 0, 0])
+    with pytest.raises(ProblemError, match="seed must be a non-negative integer"):
+        native().solve(problem, seed=-1)
+
+
+def test_binding_checks_types():
+    Q = np.eye(4)
+    args = dict(
+        seed=0,
+        num_restarts=1,
+        beta_min=1.0,
+        beta_max=2.0,
+        beta_factor=1.1,
+        sweeps_per_beta=1,
+        num_threads=1,
+        auto_schedule=False,
+    )
+    with pytest.raises(TypeError, match="C-contiguous float64"):
+        _native.solve(Q.astype(np.float32), 2, None, **args)
+    with pytest.raises(TypeError, match="C-contiguous float64"):
+        _native.solve(np.asfortranarray(np.ones((4, 4)))[:, :3], 2, None, **args)
+    with pytest.raises(TypeError, match="numpy array"):
+        _native.solve(Q.tolist(), 2, None, **args)
+    with pytest.raises(TypeError, match="x0 must be None or a contiguous int8"):
+        _native.solve(Q, 2, np.array([1, 1, 0, 0]), **args)
+    with pytest.raises(ValueError, match="rejected its arguments"):
+        _native.solve(Q, 5, None, **args)
+    x, info = _native.solve(np.zeros((0, 0)), 0, None, **args)
+    assert x.shape == (0,) and info["best_restart"] == -1
