@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 from typing import Any
 
 import numpy as np
@@ -79,10 +80,9 @@ def _native_module() -> Any:
     return _native
 
 
-def _seed64(seed: int | None) -> int:
-    """The core's 64-bit seed: ``seed`` hashed by numpy's SeedSequence, or fresh."""
-    sequence = np.random.SeedSequence(seed)
-    return int(sequence.generate_state(1, np.uint64)[0])
+def _seed64(seed: int) -> int:
+    """The core's 64-bit seed: ``seed`` (any size) hashed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
 
 
 class NativeBackend(Backend):
@@ -106,7 +106,8 @@ class NativeBackend(Backend):
     ``num_betas``, ``sweeps_per_beta``, ``sweep_size`` (proposals per sweep),
     ``restart_energies``, ``restart_sweeps``, ``restart_accepted`` (accepted
     swaps), ``restart_descent_swaps``, ``best_restart``, ``num_threads`` (threads
-    that ran), ``openmp`` and ``seed`` (the 64-bit seed the core used).
+    that ran), ``openmp`` and ``seed`` (the seed given, or the one drawn for an
+    unseeded run: solving again with it repeats the run).
 
     Raises:
         BackendError: For a bad option, or ``beta_min``/``beta_max`` given with
@@ -179,6 +180,8 @@ class NativeBackend(Backend):
         native = _native_module()
         p = self._params
         fixed = p["schedule"] == "fixed"
+        if seed is None:  # draw one and report it, so that the run can be repeated
+            seed = secrets.randbits(63)
         seed64 = _seed64(seed)
         threads = p["num_threads"]
         if _ForkGuard.single_thread and threads != 1:
@@ -215,7 +218,7 @@ class NativeBackend(Backend):
             "best_restart": run["best_restart"],
             "num_threads": run["num_threads"],
             "openmp": bool(native.openmp),
-            "seed": seed64,
+            "seed": int(seed),
         }
         log.debug(
             "native SA n=%d k=%d: %s schedule beta %.3g..%.3g (%d betas), best "
