@@ -174,7 +174,7 @@ def timing_table(problems: list[BlockProblem], repeats: int, seed: int) -> None:
                 print(
                     f"| {p.n} | {schedule} | {threads} | {statistics.median(secs):.4f} "
                     f"| {min(secs):.4f} | "
-                    f"{statistics.median(cpu) if threads == 1 else float('nan'):.4f} | "
+                    f"{f'{statistics.median(cpu):.4f}' if threads == 1 else '-'} | "
                     f"{max(s.energy for s in sols):.4f} | "
                     f"{sweeps:.1f} | {accepted / p.n:.2f} |",
                     flush=True,
