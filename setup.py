@@ -22,11 +22,16 @@ def _openmp_flags() -> tuple[list[str], list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "t.c")
         with open(src, "w") as f:
-            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n")
-        ok = subprocess.run(
-            [cc, "-fopenmp", src, "-o", os.path.join(tmp, "t")],
-            capture_output=True,
-        ).returncode == 0
+            f.write(
+                "#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n"
+            )
+        ok = (
+            subprocess.run(
+                [cc, "-fopenmp", src, "-o", os.path.join(tmp, "t")],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
     return (["-fopenmp"], ["-fopenmp"]) if ok else ([], [])
 
 

@@ -62,7 +62,9 @@ def _add_backend_option_flag(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------- backends
 def _add_backends(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("backends", help="list solver backends, their status and options")
+    p = sub.add_parser(
+        "backends", help="list solver backends, their status and options"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_backends)
 
@@ -78,7 +80,12 @@ def _cmd_backends(args: argparse.Namespace) -> int:
                 "reason": reason,
                 "max_n": cls().size_limit(),
                 "options": [
-                    {"name": o.name, "kind": o.kind, "default": o.default, "help": o.help}
+                    {
+                        "name": o.name,
+                        "kind": o.kind,
+                        "default": o.default,
+                        "help": o.help,
+                    }
                     for o in cls.options
                 ],
             }
@@ -148,7 +155,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="comma-separated backend names, e.g. native,neal,exhaustive",
     )
-    p.add_argument("--repeats", type=int, default=1, help="runs per problem (default 1)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per problem (default 1)"
+    )
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument(
         "--backend-option",
@@ -198,13 +207,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         f"{len(problems)} problems ({len(unreadable)} unreadable, skipped), "
         f"{args.repeats} repeat(s) per backend"
     )
-    header = ("backend", "runs", "skipped", "mean gap", "median gap", "feasible",
-              "success", "mean s")
+    header = (
+        "backend",
+        "runs",
+        "skipped",
+        "mean gap",
+        "median gap",
+        "feasible",
+        "success",
+        "mean s",
+    )
     print("  ".join(f"{h:>11}" for h in header))
     for row in result.summary():
-        cells = [row["backend"], row["runs"], row["skipped"], row["mean_gap"],
-                 row["median_gap"], row["feasible_fraction"], row["success_rate"],
-                 row["mean_seconds"]]
+        cells = [
+            row["backend"],
+            row["runs"],
+            row["skipped"],
+            row["mean_gap"],
+            row["median_gap"],
+            row["feasible_fraction"],
+            row["success_rate"],
+            row["mean_seconds"],
+        ]
         print("  ".join(_cell(c) for c in cells))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -364,6 +388,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from icbs_opt.compare import Harvester
     from icbs_opt.pruning import (
         PAPER_CLASSIFIER_SETTINGS,
         PruneConfig,
@@ -371,7 +396,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         nonzero_density,
         prune,
     )
-    from icbs_opt.compare import Harvester
     from icbs_opt.tasks import get_task
 
     if args.threads is not None:
@@ -626,7 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune neural networks with iCBS and compare block-QUBO solvers.",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output (-vv: debug)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_backends, _add_solve, _add_compare, _add_prune, _add_evaluate)

@@ -66,7 +66,9 @@ class Comparison:
             mine = [r for r in self.runs if r.backend == name]
             ok = [r for r in mine if r.status == "ok"]
             fractions = [
-                r.raw_feasible_fraction for r in ok if r.raw_feasible_fraction is not None
+                r.raw_feasible_fraction
+                for r in ok
+                if r.raw_feasible_fraction is not None
             ]
             gaps = [r.gap for r in ok if r.gap is not None]
             rows.append(
@@ -210,7 +212,9 @@ def load_problems(
 
 def run_seed(seed: int, problem_index: int, repeat: int) -> int:
     """The seed of one run, shared by all backends for a fair comparison."""
-    return int(np.random.SeedSequence([seed, problem_index, repeat]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([seed, problem_index, repeat]).generate_state(1)[0]
+    )
 
 
 def compare(
@@ -264,7 +268,9 @@ def compare(
     for run in runs:
         if run.status == "ok" and run.problem in best:
             ref = best[run.problem]
-            run.gap = (run.energy - ref) / max(abs(ref), 1e-12) if run.feasible else None
+            run.gap = (
+                (run.energy - ref) / max(abs(ref), 1e-12) if run.feasible else None
+            )
             run.success = bool(
                 run.feasible and run.energy <= ref + _SUCCESS_RTOL * max(abs(ref), 1.0)
             )

@@ -38,6 +38,7 @@ class BackendConformance:
 
     @pytest.fixture(params=registered_backends())
     def backend(self, request: pytest.FixtureRequest) -> Backend:
+        """The backend under test, one per registered name."""
         return self.make_backend(request.param)
 
     def make_backend(self, name: str, **options: Any) -> Backend:
@@ -56,11 +57,13 @@ class BackendConformance:
         return sol
 
     def test_single_variable(self, backend: Backend) -> None:
+        """A single variable with k = 0 or 1 has one feasible answer."""
         for k in (0, 1):
             sol = self._check(backend, BlockProblem([[-2.0]], k), seed=0)
             assert sol.x.tolist() == [k]
 
     def test_k_zero_and_k_n(self, backend: Backend) -> None:
+        """Problems with k = 0 and k = n have one feasible answer each."""
         problem = random_problem(5, 0, seed=3)
         assert self._check(backend, problem, seed=0).x.tolist() == [0] * 5
         problem = random_problem(5, 5, seed=3)
@@ -68,6 +71,7 @@ class BackendConformance:
 
     @pytest.mark.parametrize("seed", [0, 1, 2])
     def test_exact_optimum_small(self, backend: Backend, seed: int) -> None:
+        """Seeded small problems are solved to the exhaustive optimum."""
         n = min(self.exact_n, backend.size_limit() or self.exact_n)
         for k in (1, n // 2, n - 1):
             problem = random_problem(n, k, seed=100 * seed + k)
@@ -75,22 +79,26 @@ class BackendConformance:
             assert sol.energy == pytest.approx(exact_optimum(problem), abs=1e-9)
 
     def test_same_seed_same_answer(self, backend: Backend) -> None:
+        """The same seed gives the same answer."""
         problem = random_problem(min(12, backend.size_limit() or 12), seed=7)
         first = self._check(backend, problem, seed=11)
         second = self._check(backend, problem, seed=11)
         assert first.x.tolist() == second.x.tolist()
 
     def test_warm_start_accepted(self, backend: Backend) -> None:
+        """A feasible warm start is accepted and the answer stays feasible."""
         problem = random_problem(6, 3, seed=5)
         x0 = problem.random_feasible(seed=1)
         self._check(backend, problem, seed=0, x0=x0)
 
     def test_rejects_infeasible_warm_start(self, backend: Backend) -> None:
+        """A warm start with the wrong number of ones is refused."""
         problem = random_problem(4, 2, seed=5)
         with pytest.raises(ValueError, match="x0 must have exactly k = 2 ones, got 3"):
             backend.solve(problem, x0=[1, 1, 1, 0])
 
     def test_bad_option_raises(self, backend: Backend) -> None:
+        """Unknown options and invalid values raise BackendError."""
         with pytest.raises(BackendError, match="unknown option 'no_such_option'"):
             self.make_backend(backend.name, no_such_option=1)
         for opt in backend.options:
@@ -100,6 +108,7 @@ class BackendConformance:
                 self.make_backend(backend.name, **{opt.name: "not-a-valid-value"})
 
     def test_size_limit(self, backend: Backend) -> None:
+        """A problem above the declared size limit raises ProblemTooLarge."""
         limit = backend.size_limit()
         if limit is None:
             assert backend.properties["max_n"] is None

@@ -19,7 +19,9 @@ def _missing(reason: str) -> None:
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
     """The WikiText-2 folder (valid.txt, test.txt)."""
-    path = Path(os.environ.get("ICBS_OPT_DATA") or REPO.parent / "shared/data/wikitext-2")
+    path = Path(
+        os.environ.get("ICBS_OPT_DATA") or REPO.parent / "shared/data/wikitext-2"
+    )
     if not (path / "valid.txt").is_file() or not (path / "test.txt").is_file():
         _missing(f"WikiText-2 not found in {path}; set ICBS_OPT_DATA to its folder")
     return path

@@ -27,7 +27,16 @@ def test_backends_lists_every_backend(capsys):
 def test_solve_json(problem_file, capsys):
     assert main(["solve", str(problem_file), "--backend", "exhaustive", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"backend", "n", "k", "energy", "feasible", "seconds", "x", "info"}
+    assert set(out) == {
+        "backend",
+        "n",
+        "k",
+        "energy",
+        "feasible",
+        "seconds",
+        "x",
+        "info",
+    }
     p = BlockProblem.load(problem_file)
     assert out["n"] == 10 and out["k"] == 4 and out["feasible"] is True
     assert sum(out["x"]) == 4

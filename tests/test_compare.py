@@ -67,10 +67,21 @@ def test_cli_outputs(folder, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     argv = [
-        "compare", "--problems", str(folder), "--backends", "exhaustive,neal",
-        "--backend-option", "neal.num_reads=3", "--seed", "1",
-        "--json", str(out / "c.json"), "--csv", str(out / "c.csv"),
-        "--plot", str(out / "c.png"),
+        "compare",
+        "--problems",
+        str(folder),
+        "--backends",
+        "exhaustive,neal",
+        "--backend-option",
+        "neal.num_reads=3",
+        "--seed",
+        "1",
+        "--json",
+        str(out / "c.json"),
+        "--csv",
+        str(out / "c.csv"),
+        "--plot",
+        str(out / "c.png"),
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -80,8 +91,12 @@ def test_cli_outputs(folder, tmp_path, capsys):
     assert {b["backend"] for b in doc["backends"]} == {"exhaustive", "neal"}
     for row in doc["backends"]:
         assert set(row) >= {
-            "backend", "mean_gap", "median_gap", "feasible_fraction",
-            "success_rate", "mean_seconds",
+            "backend",
+            "mean_gap",
+            "median_gap",
+            "feasible_fraction",
+            "success_rate",
+            "mean_seconds",
         }
     assert len(doc["runs"]) == 4 + 4  # exhaustive: three runs and one skipped
     with open(out / "c.csv", newline="") as f:
@@ -126,15 +141,20 @@ def test_harvest_reloads_identical_problems(tmp_path):
         harvest(problem)
 
     pruner = Pruner(
-        model, lambda m, a, b: F.cross_entropy(m(a), b), 0.5, backend="exhaustive",
-        block_size=8, problem_hook=hook, seed=1,
+        model,
+        lambda m, a, b: F.cross_entropy(m(a), b),
+        0.5,
+        backend="exhaustive",
+        block_size=8,
+        problem_hook=hook,
+        seed=1,
     )
     for _ in range(4):
         pruner.step(X, y)
     files = sorted((tmp_path / "blocks").iterdir())
     assert [f.name for f in files] == [p.name for p in harvest.files]
     assert len(files) == 4
-    for original, path in zip(seen, harvest.files):
+    for original, path in zip(seen, harvest.files, strict=True):
         loaded = BlockProblem.load(path)
         scaled, scale = original.scaled()
         assert np.array_equal(loaded.Q, scaled.Q) and loaded.k == original.k
@@ -153,8 +173,18 @@ def test_cli_prune_harvest(tmp_path, monkeypatch):
     monkeypatch.setenv("ICBS_OPT_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "blocks"
     argv = [
-        "prune", "--task", "digits-mlp", "--steps", "3", "--block-size", "10",
-        "--backend", "exhaustive", "--harvest", str(out), "--no-progress",
+        "prune",
+        "--task",
+        "digits-mlp",
+        "--steps",
+        "3",
+        "--block-size",
+        "10",
+        "--backend",
+        "exhaustive",
+        "--harvest",
+        str(out),
+        "--no-progress",
     ]
     assert main(argv) == 0
     files = sorted(out.glob("*.npz"))

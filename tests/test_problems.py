@@ -9,7 +9,9 @@ from icbs_opt.problems import BlockProblem, random_problem
 
 
 def all_points(n):
-    return [np.array(bits, dtype=np.int8) for bits in itertools.product((0, 1), repeat=n)]
+    return [
+        np.array(bits, dtype=np.int8) for bits in itertools.product((0, 1), repeat=n)
+    ]
 
 
 def test_symmetrises_and_keeps_energies():
@@ -27,7 +29,11 @@ def test_symmetrises_and_keeps_energies():
         (np.ones((2, 3)), 1, r"square matrix, got shape \(2, 3\)"),
         (np.ones(3), 1, r"square matrix, got shape \(3,\)"),
         (np.zeros((0, 0)), 0, "n >= 1"),
-        (np.array([[1.0, np.nan], [0.0, 1.0]]), 1, r"finite, got nan at index \(0, 1\)"),
+        (
+            np.array([[1.0, np.nan], [0.0, 1.0]]),
+            1,
+            r"finite, got nan at index \(0, 1\)",
+        ),
         (np.array([[np.inf]]), 0, "finite, got inf"),
         (np.eye(3), 4, "0 <= k <= n = 3, got k = 4"),
         (np.eye(3), -1, "got k = -1"),
@@ -69,7 +75,9 @@ def test_bqm_and_ising_match_objective_plus_penalty(k):
 def test_default_penalty_ground_state_is_feasible(seed):
     p = random_problem(7, 3, seed=seed)
     bqm = p.to_bqm()
-    energies = {tuple(x): bqm.energy(dict(enumerate(x.tolist()))) for x in all_points(7)}
+    energies = {
+        tuple(x): bqm.energy(dict(enumerate(x.tolist()))) for x in all_points(7)
+    }
     best = min(energies, key=energies.get)
     assert sum(best) == 3
     feasible = [x for x in all_points(7) if x.sum() == 3]
@@ -123,7 +131,9 @@ def test_negative_entries_survive_the_cutoff():
 
 
 def test_npz_round_trip_with_meta(tmp_path):
-    p = BlockProblem(random_problem(6, 2, seed=1).Q, 2, meta={"layer": "fc1", "step": 3})
+    p = BlockProblem(
+        random_problem(6, 2, seed=1).Q, 2, meta={"layer": "fc1", "step": 3}
+    )
     p.save(tmp_path / "b.npz")
     q = BlockProblem.load(tmp_path / "b.npz")
     assert np.array_equal(p.Q, q.Q) and q.k == 2
@@ -148,7 +158,9 @@ def test_bad_files(tmp_path):
     with pytest.raises(ProblemError, match="cannot read problem file"):
         BlockProblem.load(bad)
     np.savez(tmp_path / "noq.npz", A=np.eye(2))
-    with pytest.raises(ProblemError, match=r"must hold arrays 'Q' and 'k', found \['A'\]"):
+    with pytest.raises(
+        ProblemError, match=r"must hold arrays 'Q' and 'k', found \['A'\]"
+    ):
         BlockProblem.load(tmp_path / "noq.npz")
     txt = tmp_path / "junk.txt"
     txt.write_text("hello world\n")

@@ -25,7 +25,9 @@ def register_backend(name: str, factory: type[Backend]) -> None:
         BackendError: If the name is taken or ``factory`` is not a Backend subclass.
     """
     if not (isinstance(factory, type) and issubclass(factory, Backend)):
-        raise BackendError(f"backend {name!r} must be a Backend subclass, got {factory!r}")
+        raise BackendError(
+            f"backend {name!r} must be a Backend subclass, got {factory!r}"
+        )
     if name in _REGISTRY:
         raise BackendError(f"a backend named {name!r} is already registered")
     _REGISTRY[name] = factory

@@ -186,7 +186,9 @@ class Backend(abc.ABC):
                 f"n = {problem.n}; use a smaller block size (--block-size {limit})"
             )
         if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, np.integer))
+            or seed < 0
         ):
             raise ProblemError(f"seed must be a non-negative integer, got {seed!r}")
         if x0 is not None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends.base import Backend, Option, float_option, int_option
+from icbs_opt.backends.base import Backend, Option, int_option
 from icbs_opt.problems import BlockProblem
 
 #: Penalty strengths tried by ``penalty="auto"``, as fractions of the safe bound
@@ -81,7 +81,9 @@ class NealBackend(Backend):
         p = self._params
         safe = problem.default_penalty()
         strengths = (
-            [f * safe for f in AUTO_FRACTIONS] if p["penalty"] == "auto" else [p["penalty"]]
+            [f * safe for f in AUTO_FRACTIONS]
+            if p["penalty"] == "auto"
+            else [p["penalty"]]
         )
         rng = np.random.default_rng(seed)
         sampler = neal.SimulatedAnnealingSampler()

@@ -196,7 +196,9 @@ class BlockProblem:
         else:
             arr = np.asarray(sample)
         if arr.shape != (self.n,):
-            raise ProblemError(f"sample must have {self.n} values, got shape {arr.shape}")
+            raise ProblemError(
+                f"sample must have {self.n} values, got shape {arr.shape}"
+            )
         if np.isin(arr, (-1, 1)).all() and (arr == -1).any():
             arr = (arr + 1) // 2
         if not np.isin(arr, (0, 1)).all():
@@ -303,7 +305,9 @@ class BlockProblem:
     @classmethod
     def _load_npz(cls, path: str, k: int | None) -> BlockProblem:
         if not zipfile.is_zipfile(path):
-            raise ProblemError(f"cannot read problem file {path!r}: not an .npz archive")
+            raise ProblemError(
+                f"cannot read problem file {path!r}: not an .npz archive"
+            )
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
