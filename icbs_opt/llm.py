@@ -145,6 +145,11 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, dtype=dtype, **kwargs
     )
+    # The weights are plain dequantised tensors now; without the GGUF quantizer
+    # marker save_pretrained writes an ordinary float32 safetensors checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     logger.info("loaded %s (%s)", path, type(model).__name__)
     return _prepare(model), tokenizer
 

