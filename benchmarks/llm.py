@@ -76,7 +76,8 @@ def baseline(task, density: float, init: str, args) -> dict:
     return {"init": init, "density": density, "perplexity": ppl, "seconds": seconds}
 
 
-def icbs(task, density: float, args) -> dict:
+def icbs(task, density: float, args, save=lambda run: None) -> dict:
+    """One iCBS run; ``save(run)`` is called with the partial run at every eval."""
     start = time.perf_counter()
     pruner = make_pruner(
         task, density, "wanda_per_output", args, **PAPER_CLASSIFIER_SETTINGS
@@ -101,6 +102,9 @@ def icbs(task, density: float, args) -> dict:
             }
         )
         out_of_time = seconds > 60 * args.max_minutes
+        if s % 10 == 0:
+            recent = np.mean([r["total"] for r in steps[-10:]])
+            print(f"  step {s:>4}  last 10 steps {recent:.1f} s each", flush=True)
         if s == args.steps or s % args.eval_every == 0 or out_of_time:
             ppl, eval_seconds = evaluate(task)
             curve.append({"step": s, "perplexity": ppl, "seconds": seconds})
@@ -111,6 +115,7 @@ def icbs(task, density: float, args) -> dict:
                 f"peak RSS {peak_rss_gb():.2f} GiB)",
                 flush=True,
             )
+            save({"density": density, "curve": curve, "steps": steps})
         if out_of_time:
             print(f"  stopped: pruning time passed --max-minutes {args.max_minutes}")
             break
@@ -183,6 +188,14 @@ def main() -> None:
         "task_info": task.info,
         "threads": torch.get_num_threads(),
     }
+
+    def save(run: dict | None = None) -> None:
+        """Write the report so far (a killed run keeps its evaluated points)."""
+        if args.json:
+            partial = {**report, "icbs": report["icbs"] + ([run] if run else [])}
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(partial, f, indent=2)
+
     for density in args.densities:
         print(f"one-shot, density {density}:", flush=True)
         for init in ("magnitude", "wanda_per_output"):
@@ -195,13 +208,12 @@ def main() -> None:
                 f"of block {args.block_size}:",
                 flush=True,
             )
-            report["icbs"].append(icbs(task, density, args))
+            report["icbs"].append(icbs(task, density, args, save))
             restore()
+            save()
     report["peak_rss_gib"] = peak_rss_gb()
     print(f"process peak RSS {report['peak_rss_gib']:.2f} GiB")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":

