@@ -73,17 +73,17 @@ def main() -> None:
 
     X = torch.randint(0, vocab, (1, seq))
     print(f"{'layer':<32} {'TFLOP':>7} {'bound s':>8} {'measured s':>10}")
-    for b, name in (
-        (0, "self_attn.q_proj"),
-        (n // 2, "mlp.down_proj"),
-        (n - 1, "mlp.down_proj"),
+    # (block, layer, blocks whose attention the backward passes through)
+    for b, name, after in (
+        (0, "self_attn.q_proj", n),
+        (n // 2, "mlp.down_proj", n - n // 2 - 1),
+        (n - 1, "mlp.down_proj", 0),
     ):
         module = blocks[b].get_submodule(name)
         with FlopCounterMode(display=False) as counter:
             record_layer(model, causal_lm_loss, X, X, module)
         tape = record_layer(model, causal_lm_loss, X, X, module)  # timed alone
         mm = counter.get_total_flops() * windows  # one window counted, scaled
-        after = n - b if name.startswith("self_attn.q") else n - b - 1
         attn = attention_flops(cfg, windows, seq, n - after, False)
         attn += attention_flops(cfg, windows, seq, after, True)
         total = mm + attn

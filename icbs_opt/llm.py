@@ -612,22 +612,22 @@ def build_causal_lm_task(model: str | os.PathLike, **options: Any) -> Task:
     return causal_lm_task("causal-lm", lm, tokenizer, source=source, **options)
 
 
-# get_task checks options against a builder's signature: show the text options
-_TEXT_OPTIONS = [
-    p
-    for p in inspect.signature(causal_lm_task).parameters.values()
-    if p.kind == p.KEYWORD_ONLY and p.name != "source"
-]
-build_smollm2_task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    _TEXT_OPTIONS, return_annotation=Task
-)
-build_causal_lm_task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        *_TEXT_OPTIONS,
-    ],
-    return_annotation=Task,
-)
+def _show_options(builder: Callable[..., Task], *leading: inspect.Parameter) -> None:
+    """Give ``builder(**options)`` the signature ``get_task`` checks options with."""
+    text = [
+        p
+        for p in inspect.signature(causal_lm_task).parameters.values()
+        if p.kind == p.KEYWORD_ONLY and p.name != "source"
+    ]
+    builder.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*leading, *text], return_annotation=Task
+    )
 
+
+_show_options(build_smollm2_task)
+_show_options(
+    build_causal_lm_task,
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+)
 register_task("smollm2-135m", build_smollm2_task)
 register_task("causal-lm", build_causal_lm_task)
