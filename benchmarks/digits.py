@@ -1,13 +1,16 @@
 """Digits pruning benchmark: the figures of docs/benchmarks.md, "Digits pruning".
 
-Runs the issue's recipe (digits-mlp, density 0.1, 300 steps of block 256, the
-paper's classifier settings) from magnitude, wanda and gradient inits to
-``--steps`` steps, evaluating every ``--eval-every`` steps, and prints:
-the accuracy-vs-steps curve per init, the time to reach each point (pruning only,
-evaluations excluded), and the mean per-step time split.
+Runs the digits-mlp task's preset (the settings of ``icbs-opt prune --task
+digits-mlp``: density 0.1, blocks of 256, the paper's classifier settings, one torch
+thread) from magnitude, wanda and gradient inits to ``--steps`` steps, evaluating
+every ``--eval-every`` steps, and prints: the accuracy-vs-steps curve per init, the
+time to reach each point (pruning only, evaluations excluded), and the mean
+per-step time split. ``--density``, ``--block-size`` and ``--threads`` replace
+single fields of the preset.
 
     python benchmarks/digits.py                       # the full table, native
     python benchmarks/digits.py --steps 300 --inits magnitude --seeds 0,1,2
+    python benchmarks/digits.py --steps 4 --eval-every 2 --inits magnitude  # smoke
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import time
 import numpy as np
 import torch
 
-from icbs_opt.pruning import PAPER_CLASSIFIER_SETTINGS, Pruner, prune
-from icbs_opt.tasks import get_task
+from icbs_opt.pruning import Pruner, prune
+from icbs_opt.tasks import get_task, task_spec
+
+PRESET = task_spec("digits-mlp").preset  # what `icbs-opt prune` uses by default
 
 PHASES = (
     "forward_backward",
@@ -37,17 +42,17 @@ PHASES = (
 def run(init: str, seed: int, args: argparse.Namespace) -> dict:
     task = get_task("digits-mlp")
     dense = task.evaluate(task.model)["metric"]
+    config = PRESET.replace(
+        density=args.density, block_size=args.block_size, init=init, seed=seed
+    ).config
     start = time.perf_counter()
     pruner = Pruner(
         task.model,
         task.loss_fn,
-        args.density,
-        args.backend,
+        backend=args.backend,
+        layers=task.layers,
         calibration=task.calibration,
-        block_size=args.block_size,
-        init=init,
-        seed=seed,
-        **PAPER_CLASSIFIER_SETTINGS,
+        config=config,
     )
     init_seconds = time.perf_counter() - start
     result = prune(
@@ -78,14 +83,15 @@ def main() -> None:
     parser.add_argument("--backend", default="native")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--block-size", type=int, default=PRESET.config.block_size)
+    parser.add_argument("--density", type=float, default=PRESET.config.density)
     parser.add_argument("--inits", default="magnitude,wanda,gradient")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=PRESET.run.threads)
     parser.add_argument("--json", help="also write all runs to this file")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     runs = [
         run(init, int(seed), args)
         for init in args.inits.split(",")
@@ -93,7 +99,8 @@ def main() -> None:
     ]
     print(
         f"dense accuracy {runs[0]['dense']:.2f}%, backend {args.backend}, "
-        f"{args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}"
+        f"{torch.get_num_threads()} torch thread(s), "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
         "\n| init | seed | "
@@ -119,7 +126,8 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "runs": runs}, f, indent=2)
+            report = {"args": vars(args), "preset": PRESET.to_dict(), "runs": runs}
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ SmolLM2-135M-Instruct (GGUF -> float32, CPU) on WikiText-2, perplexity on the fi
 1. dense perplexity;
 2. one-shot baselines at every ``--densities``: ``magnitude`` and
    ``wanda_per_output`` (calibration: the first 32 windows of valid.txt);
-3. iCBS from the Wanda per-output init at every ``--icbs-densities``: blocks of
-   ``--block-size``, batches of 8 x 512 valid tokens, the paper's settings
-   (gradient selection, empirical Fisher, grad multiplier 0.75, ridge 1e-3, tabu
-   0.4, fix fractions 0.42/0.35), evaluated every ``--eval-every`` steps; a run
-   stops early once its pruning time passes ``--max-minutes``.
+3. iCBS at every ``--icbs-densities`` with the task's preset (the settings of
+   ``icbs-opt prune --task smollm2-135m``: Wanda per-output init, blocks of 1024,
+   one window per forward/backward, the paper's settings: gradient selection,
+   empirical Fisher, grad multiplier 0.75, ridge 1e-3, tabu 0.4, fix fractions
+   0.42/0.35) and batches of 8 x 512 valid tokens, evaluated every
+   ``--eval-every`` steps; a run stops early once its pruning time passes
+   ``--max-minutes``. ``--steps``, ``--block-size`` and ``--max-batch-size``
+   replace single fields of the preset.
 
 Prints the tables and the mean per-step time split; ``--json`` keeps everything.
 
@@ -29,9 +32,11 @@ import time
 import numpy as np
 import torch
 
-from icbs_opt.llm import layer_density
-from icbs_opt.pruning import PAPER_CLASSIFIER_SETTINGS, Pruner
-from icbs_opt.tasks import get_task
+from icbs_opt.pruning import Pruner, nonzero_density
+from icbs_opt.tasks import get_task, task_spec
+
+TASK = "smollm2-135m"
+PRESET = task_spec(TASK).preset  # what `icbs-opt prune --task smollm2-135m` uses
 
 PHASES = ("forward_backward", "select", "gradient", "hessian", "q_build", "solve")
 
@@ -46,19 +51,22 @@ def evaluate(task) -> tuple[float, float]:
     return ppl, time.perf_counter() - start
 
 
-def make_pruner(task, density: float, init: str, args, **settings) -> Pruner:
+def make_pruner(task, density: float, init: str, args) -> Pruner:
+    """A pruner with the task's preset, the given fields replaced."""
+    preset = PRESET.replace(
+        density=density,
+        init=init,
+        block_size=args.block_size,
+        max_batch_size=args.max_batch_size,
+        seed=args.seed,
+    )
     return Pruner(
         task.model,
         task.loss_fn,
-        density,
-        args.backend,
+        backend=args.backend,
         layers=task.layers,
         calibration=task.calibration,
-        block_size=args.block_size,
-        init=init,
-        max_batch_size=args.max_batch_size,
-        seed=args.seed,
-        **settings,
+        config=preset.config,
     )
 
 
@@ -67,7 +75,7 @@ def baseline(task, density: float, init: str, args) -> dict:
     make_pruner(task, density, init, args)
     seconds = time.perf_counter() - start
     ppl, _ = evaluate(task)
-    density_now = layer_density(task.model, task.layers)
+    density_now = nonzero_density(task.model, task.layers)
     print(
         f"  {init:<18} density {density_now:.4f}  perplexity {ppl:9.2f}  "
         f"(init {seconds:.0f} s)",
@@ -79,9 +87,7 @@ def baseline(task, density: float, init: str, args) -> dict:
 def icbs(task, density: float, args, save=lambda run: None) -> dict:
     """One iCBS run; ``save(run)`` is called with the partial run at every eval."""
     start = time.perf_counter()
-    pruner = make_pruner(
-        task, density, "wanda_per_output", args, **PAPER_CLASSIFIER_SETTINGS
-    )
+    pruner = make_pruner(task, density, PRESET.config.init, args)
     init_seconds = time.perf_counter() - start
     ppl, _ = evaluate(task)
     curve = [{"step": 0, "perplexity": ppl, "seconds": 0.0}]
@@ -128,7 +134,7 @@ def icbs(task, density: float, args, save=lambda run: None) -> dict:
     return {
         "density": density,
         "init_seconds": init_seconds,
-        "final_density": layer_density(task.model, task.layers),
+        "final_density": nonzero_density(task.model, task.layers),
         "curve": curve,
         "mean_step_seconds": split,
         "steps": steps,
@@ -139,12 +145,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--densities", type=float, nargs="*", default=[0.5, 0.7])
     p.add_argument("--icbs-densities", type=float, nargs="*", default=[0.5])
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=PRESET.run.steps)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--max-minutes", type=float, default=float("inf"))
-    p.add_argument("--block-size", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=PRESET.config.block_size)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=PRESET.config.max_batch_size)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--backend", default="native")
@@ -157,7 +163,7 @@ def main() -> None:
 
     start = time.perf_counter()
     task = get_task(
-        "smollm2-135m",
+        TASK,
         eval_windows=args.eval_windows,
         calib_windows=args.calib_windows,
         batch_size=args.batch_size,
@@ -185,6 +191,7 @@ def main() -> None:
         "baselines": [],
         "icbs": [],
         "settings": {**vars(args), "max_minutes": str(args.max_minutes)},
+        "preset": PRESET.to_dict(),
         "task_info": task.info,
         "threads": torch.get_num_threads(),
     }
@@ -204,8 +211,8 @@ def main() -> None:
     if args.steps > 0:
         for density in args.icbs_densities:
             print(
-                f"iCBS from wanda_per_output, density {density}, {args.steps} steps "
-                f"of block {args.block_size}:",
+                f"iCBS from {PRESET.config.init}, density {density}, "
+                f"{args.steps} steps of block {args.block_size}:",
                 flush=True,
             )
             report["icbs"].append(icbs(task, density, args, save))

@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from icbs_opt.derivatives import record_layer
-from icbs_opt.llm import causal_lm_loss, load_smollm2
+from icbs_opt.tasks.causal_lm import causal_lm_loss, load_smollm2
 
 
 def matmul_rate(shapes: list[tuple[int, int, int]], repeat: int) -> dict[str, float]:

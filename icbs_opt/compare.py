@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from icbs_opt.backends import Backend
+from icbs_opt.backends.base import check_seed
+from icbs_opt.checks import check_int
 from icbs_opt.errors import ProblemError, ProblemTooLarge
 from icbs_opt.problems import BlockProblem
 
@@ -198,14 +200,18 @@ def find_problem_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def load_problems(
     files: Iterable[Path],
 ) -> tuple[dict[str, BlockProblem], dict[str, str]]:
-    """Read problem files; return ``(name -> problem, name -> error)``."""
+    """Read problem files; return ``(name -> problem, name -> error)``.
+
+    A file that cannot be read (missing, unreadable, malformed, or an invalid
+    problem) is skipped with a warning naming it and the reason.
+    """
     problems: dict[str, BlockProblem] = {}
     errors: dict[str, str] = {}
     for path in files:
         try:
             problems[str(path)] = BlockProblem.load(path)
-        except ProblemError as exc:
-            logger.warning("skipping unreadable problem: %s", exc)
+        except ProblemError as exc:  # its message starts "problem file 'NAME': "
+            logger.warning("skipping %s", exc)
             errors[str(path)] = str(exc)
     return problems, errors
 
@@ -239,9 +245,13 @@ def compare(
 
     Returns:
         The runs, with gaps and successes filled in against the best known energy.
+
+    Raises:
+        ProblemError: If ``repeats`` is not an integer >= 1 or ``seed`` is not a
+            non-negative integer.
     """
-    if repeats < 1:
-        raise ProblemError(f"repeats must be >= 1, got {repeats}")
+    repeats = check_int(repeats, "repeats", minimum=1, error=ProblemError)
+    seed = check_seed(seed)
     runs: list[Run] = []
     for index, (pname, problem) in enumerate(problems.items()):
         for bname, backend in backends.items():
@@ -261,6 +271,11 @@ def compare(
                     progress(run)
                 if run.status == "skipped":
                     break
+    return Comparison(list(problems), runs, dict(unreadable or {}), _score(runs))
+
+
+def _score(runs: list[Run]) -> dict[str, float]:
+    """Fill in gaps and successes; return the best known energy per problem."""
     best: dict[str, float] = {}
     for run in runs:
         if run.status == "ok" and run.feasible:
@@ -274,4 +289,4 @@ def compare(
             run.success = bool(
                 run.feasible and run.energy <= ref + _SUCCESS_RTOL * max(abs(ref), 1.0)
             )
-    return Comparison(list(problems), runs, dict(unreadable or {}), best)
+    return best

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icbs_opt.errors import PruningError
-from icbs_opt.prune_config import HESSIAN_MODELS
+from icbs_opt.settings import HESSIAN_MODELS
 
 #: ``loss_fn(model, X, y) -> scalar tensor``: mean of per-sample losses.
 LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
@@ -420,57 +420,42 @@ def block_derivatives(
         idx: ``(n,)`` flat weight indices of the block.
         hessian: One of :data:`HESSIAN_MODELS`:
             ``gradient_per_sample`` ``H = G^T G / N`` (empirical Fisher),
-            ``gradient_mean`` ``H = g g^T / N``, ``exact`` (double backward, all
-            rows at once), ``exact_piecewise`` (``chunk_size`` rows at a time).
+            ``gradient_mean`` ``H = g g^T / N``, ``exact`` (double backward),
+            ``exact_piecewise`` (``chunk_size`` rows at a time).
         max_batch_size: Largest sub-batch per forward/backward.
         chunk_size: Rows per pass for ``exact_piecewise``.
         tape: A :class:`LayerTape` of ``module`` on this batch; with
-            ``gradient_per_sample`` the per-sample gradients come from it (no
-            forward/backward here).
+            ``gradient_per_sample`` the per-sample gradients come from it.
 
     Returns:
-        ``(g, H, gradient_seconds, hessian_seconds)`` with ``g`` ``(n,)`` and
-        ``H`` ``(n, n)`` float64 on the weight's device.
+        ``(g (n,), H (n, n), gradient_seconds, hessian_seconds)``, float64.
     """
-    t0 = time.perf_counter()
-    if hessian == "gradient_per_sample" and tape is not None:
-        G = tape.per_sample_block_gradients(idx)  # (N, n)
-        g = G.mean(0)  # (n,)
-        t1 = time.perf_counter()
-        H = G.T @ G / G.shape[0]  # (n, n) empirical Fisher
-    elif hessian == "gradient_per_sample":
-        G = per_sample_block_gradients(
-            model, loss_fn, X, y, module, idx, max_batch_size=max_batch_size
-        )  # (N, n)
-        g = G.mean(0)  # (n,)
-        t1 = time.perf_counter()
-        H = G.T @ G / G.shape[0]  # (n, n) empirical Fisher
-    elif hessian == "gradient_mean":
-        (full,) = layer_gradients(
-            model, loss_fn, X, y, [module], max_batch_size=max_batch_size
-        )
-        idx_t = torch.as_tensor(idx, dtype=torch.long, device=full.device)
-        g = full.reshape(-1)[idx_t].double()  # (n,)
-        t1 = time.perf_counter()
-        H = torch.outer(g, g) / len(X)  # (n, n)
-    elif hessian in ("exact", "exact_piecewise"):
-        g, H = exact_block_hessian(
-            model,
-            loss_fn,
-            X,
-            y,
-            module,
-            idx,
-            chunk_size=None if hessian == "exact" else chunk_size,
-            max_batch_size=max_batch_size,
-        )
-        t1 = time.perf_counter()  # gradient and Hessian come from one graph
-    else:
+    if hessian not in HESSIAN_MODELS:
         raise PruningError(
             f"hessian must be one of {', '.join(HESSIAN_MODELS)}, got {hessian!r}"
         )
-    t2 = time.perf_counter()
-    return g, H, t1 - t0, t2 - t1
+    t0 = time.perf_counter()
+    mbs = max_batch_size
+    if hessian.startswith("exact"):  # gradient and Hessian come from one graph
+        chunk = chunk_size if hessian == "exact_piecewise" else None
+        g, H = exact_block_hessian(
+            model, loss_fn, X, y, module, idx, chunk_size=chunk, max_batch_size=mbs
+        )
+        return g, H, time.perf_counter() - t0, 0.0
+    if hessian == "gradient_mean":
+        (full,) = layer_gradients(model, loss_fn, X, y, [module], max_batch_size=mbs)
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=full.device)
+        G = full.reshape(-1)[idx_t].double()[None]  # (1, n) the mean gradient
+    elif tape is not None:
+        G = tape.per_sample_block_gradients(idx)  # (N, n)
+    else:
+        G = per_sample_block_gradients(
+            model, loss_fn, X, y, module, idx, max_batch_size=mbs
+        )  # (N, n)
+    g = G.mean(0)  # (n,)
+    t1 = time.perf_counter()
+    H = G.T @ G / (len(X) if hessian == "gradient_mean" else G.shape[0])  # (n, n)
+    return g, H, t1 - t0, time.perf_counter() - t1
 
 
 # --------------------------------------------------------------- activations

@@ -160,6 +160,34 @@ def test_initial_angles_option():
         get_backend("braket-local", p=2, initial_angles="0.1,0.2,0.3")
 
 
+@pytest.mark.parametrize("name", ["braket-local", "braket"])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"shots": 10**23}, r"option 'shots' must be an integer in \[1, 2147483647\]"),
+        ({"shots": "1e23"}, r"option 'shots' .*got '1e23'"),
+        ({"maxiter": True}, r"option 'maxiter' must be an integer .*got True"),
+        ({"p": 5000}, r"option 'p' must be an integer in \[1, 1000\], got 5000"),
+        ({"p": 2.0}, r"option 'p' .*got 2.0"),
+        ({"penalty": float("nan")}, r"option 'penalty' must be a finite .*got nan"),
+        ({"penalty": "-1"}, r"option 'penalty' must be a finite number >= 0"),
+        ({"initial_angles": "0.1,inf"}, r"'initial_angles' value 2 .*got 'inf'"),
+        ({"initial_angles": 3}, r"'initial_angles' must be 'ramp' or 2p numbers"),
+        ({"mixer": True}, r"option 'mixer' .*got True: expected one of 'xy', 'x'"),
+    ],
+)
+def test_bad_qaoa_options(name, options, match):
+    device = {"device": LocalSimulator()} if name == "braket" else {}
+    with pytest.raises(BackendError, match=match):
+        get_backend(name, **device, **options)
+
+
+def test_none_means_the_default():
+    backend = get_backend("braket-local", shots=None, p=None, penalty=None)
+    assert backend.parameters["shots"] == 1000 and backend.parameters["p"] == 2
+    assert backend.parameters["penalty"] is None
+
+
 # ---------------------------------------------------------- braket (cloud)
 class _Device(LocalSimulator):
     """A LocalSimulator reporting another status or gate list (device seam)."""
@@ -268,7 +296,8 @@ FORTE = "arn:aws:braket:us-east-1::device/qpu/ionq/Forte-1"
 
 
 def test_cloud_unavailable_reasons(no_aws):
-    assert "no device ARN configured" in BraketBackend().unavailable_reason()
+    reason = BraketBackend().unavailable_reason()
+    assert "no device ARN configured; pass --backend-option device_arn=ARN" in reason
     assert "no AWS region" in BraketBackend(device_arn=SV1).unavailable_reason()
     no_aws.setenv("AWS_DEFAULT_REGION", "us-east-1")
     reason = BraketBackend(device_arn=SV1).unavailable_reason()
@@ -283,6 +312,19 @@ def test_cloud_unavailable_reasons(no_aws):
 def test_cloud_rejects_malformed_arn():
     with pytest.raises(BackendError, match="option 'device_arn' .* got 'sv1'"):
         get_backend("braket", device_arn="sv1")
+    with pytest.raises(BackendError, match="option 'device_arn' .* got 5: expected"):
+        get_backend("braket", device_arn=5)
+
+
+def test_compare_suggests_its_own_option_syntax(no_aws, tmp_path, capsys):
+    from icbs_opt.cli import main
+
+    random_problem(4, 2, seed=0).save(tmp_path / "p.npz")
+    argv = ["compare", "--problems", str(tmp_path), "--backends", "exhaustive,braket"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pass --backend-option braket.device_arn=ARN" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -59,8 +59,31 @@ def test_bad_inputs(tmp_path):
         find_problem_files([tmp_path / "missing"])
     with pytest.raises(ProblemError, match="no problem files"):
         find_problem_files([tmp_path])
-    with pytest.raises(ProblemError, match="repeats must be >= 1, got 0"):
+    with pytest.raises(ProblemError, match="repeats must be an integer >= 1, got 0"):
         compare({}, {}, repeats=0)
+    with pytest.raises(ProblemError, match="repeats must be an integer >= 1, got 1.5"):
+        compare({}, {}, repeats=1.5)
+    with pytest.raises(
+        ProblemError, match="seed must be a non-negative integer, got -1"
+    ):
+        compare({}, {}, seed=-1)
+
+
+def test_unreadable_files_are_skipped_with_a_warning(folder, caplog):
+    (folder / "dir.npz").mkdir()
+    (folder / "frac.ubqp").write_text("# k = 1\n2 1\n1.7 2 1.0\n")
+    problems, unreadable = load_problems(find_problem_files([folder]))
+    assert len(problems) == 4
+    assert set(unreadable) == {
+        str(folder / name) for name in ("broken.npz", "dir.npz", "frac.ubqp")
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3
+    for path, reason in unreadable.items():
+        assert f"skipping {reason}" in warnings
+        assert reason.startswith(f"problem file {path!r}: ")
+    assert "is a directory" in unreadable[str(folder / "dir.npz")]
+    assert "got '1.7'" in unreadable[str(folder / "frac.ubqp")]
 
 
 def test_cli_outputs(folder, tmp_path, capsys):
@@ -111,6 +134,37 @@ def test_cli_errors(folder, capsys):
     assert "NAME one of exhaustive" in capsys.readouterr().err
     assert main(["compare", "--problems", str(folder), "--backends", "nope"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert main(["compare", "--problems", str(folder), "--backends", " , "]) == 2
+    assert "--backends needs at least one backend name" in capsys.readouterr().err
+    assert main([*argv, "--seed", "-2"]) == 2
+    assert "seed must be a non-negative integer, got -2" in capsys.readouterr().err
+    neal = [*argv[:-1], "neal", "--backend-option", "neal.num_reads=1e23"]
+    assert main(neal) == 2
+    err = capsys.readouterr().err
+    assert "backend 'neal': option 'num_reads' must be an integer" in err
+
+
+def test_cli_skips_unreadable_files_and_json_to_stdout(folder, capsys):
+    argv = ["compare", "--problems", str(folder), "--backends", "exhaustive"]
+    assert main([*argv, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # standard output holds the JSON alone
+    assert doc["problems"] == 4
+    assert list(doc["unreadable"]) == [str(folder / "broken.npz")]
+    assert "Traceback" not in captured.err
+
+
+def test_cli_no_readable_problem(tmp_path, capsys):
+    (tmp_path / "a.npz").write_text("not an archive")
+    (tmp_path / "b.ubqp").write_text("# k = 1\n-1 0\n")
+    argv = ["compare", "--problems", str(tmp_path), "--backends", "exhaustive"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "icbs-opt: error: none of the 2 problem files could be read "
+        "(each is named in a warning above)"
+    )
+    assert "Traceback" not in "\n".join(err)
 
 
 def test_harvest_style_meta_round_trip(tmp_path):

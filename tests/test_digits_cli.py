@@ -5,10 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from icbs_opt import tasks
 from icbs_opt.cli import main
 from icbs_opt.errors import DataError
-from icbs_opt.tasks import default_cache_dir, get_task, register_task, task_names
+from icbs_opt.tasks import digits as tasks
+from icbs_opt.tasks import get_task, register_task, task_names
+from icbs_opt.tasks.digits import default_cache_dir
+from icbs_opt.tasks.options import DIGITS_PRESET, DigitsOptions
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,10 +77,17 @@ def test_task_registry_errors(cache):
         get_task("mnist")
     with pytest.raises(DataError, match="does not take option 'seq_len'"):
         get_task("digits-mlp", seq_len=8)
-    with pytest.raises(DataError, match=r"batch_size must be in \[1, 1257\], got 0"):
+    with pytest.raises(DataError, match="batch_size must be an integer >= 1, got 0"):
         get_task("digits-mlp", cache_dir=cache, batch_size=0)
+    with pytest.raises(DataError, match=r"batch_size must be in \[1, 1257\], got 2000"):
+        get_task("digits-mlp", cache_dir=cache, batch_size=2000)
     with pytest.raises(DataError, match="already registered"):
-        register_task("digits-mlp", tasks.build_digits_mlp)
+        register_task(
+            "digits-mlp",
+            tasks.build_digits_mlp,
+            options=DigitsOptions,
+            preset=DIGITS_PRESET,
+        )
 
 
 def test_cli_prune_writes_everything(cache, tmp_path, capsys):
@@ -135,11 +144,14 @@ def test_cli_prune_writes_everything(cache, tmp_path, capsys):
     assert [h["step"] for h in s["history"]] == [0, 2, 4]
     assert s["init"]["metric"] == s["history"][0]["metric"]
     assert s["final"]["metric"] == s["history"][-1]["metric"]
-    config = json.loads((out / "config.json").read_text())
-    assert config["prune"]["block_size"] == 12 and config["prune"]["k"] == 6
-    assert config["prune"]["grad_multiplier"] == 0.75 and config["seed"] == 1
-    assert config["prune"]["selection"] == "gradient"
-    assert "torch" in config["versions"]
+    assert not (out / "config.json").exists()
+    run = json.loads((out / "prune_config.json").read_text())
+    assert run["config"]["block_size"] == 12 and run["config"]["k"] == 6
+    assert run["config"]["grad_multiplier"] == 0.75 and run["config"]["seed"] == 1
+    assert run["config"]["selection"] == "gradient" and run["run"]["steps"] == 4
+    assert run["run"]["threads"] == 1 and run["task_options"]["cache_dir"] == str(cache)
+    assert s["settings"] == {"config": run["config"], "run": run["run"]}
+    assert "torch" in run["versions"]
     results = json.loads((out / "results.json").read_text())
     assert len(results["steps"]) == 4
     masks = load_file(str(out / "masks.safetensors"))
@@ -153,12 +165,12 @@ def test_cli_prune_writes_everything(cache, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--density", "1.5"], "density must be a number in (0, 1), got 1.5"),
+        (["--density", "1.5"], "density must be a finite number in (0, 1), got 1.5"),
         (["--task", "mnist"], "unknown task 'mnist'"),
         (["--backend", "nope"], "unknown backend 'nope'"),
-        (["--k", "12"], "k must be an integer in [1, block_size - 1 = 11], got 12"),
+        (["--k", "12"], "k must be an integer in [1, 11], got 12"),
         (["--init", "wanda_per_row"], "init must be one of"),
-        (["--batch-size", "0"], "batch_size must be in"),
+        (["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
         (["--layers", "0,7"], "unknown layer '7'"),
     ],
 )
@@ -178,3 +190,66 @@ def test_cli_prune_errors(cache, capsys, extra, message):
     ]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_prune_then_evaluate_the_output_folder(cache, tmp_path, capsys):
+    out, plot = tmp_path / "run", tmp_path / "curve.png"
+    argv = ["prune", "--cache-dir", str(cache), "--backend", "exhaustive"]
+    argv += ["--block-size", "12", "--steps", "4", "--eval-every", "2"]
+    argv += ["--out", str(out), "--plot", str(plot), "--json", "-"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert captured.err == ""  # no progress bar when stderr is not a terminal
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["evaluate", "--model", str(out), "--json", "-"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["task"] == "digits-mlp"
+    assert evaluated["accuracy"] == pytest.approx(summary["final"]["metric"])
+    assert evaluated["density"] == pytest.approx(summary["final"]["density"])
+    assert main(["evaluate", "--task", "digits-mlp", "--cache-dir", str(cache)]) == 0
+    assert "digits-mlp: accuracy 97." in capsys.readouterr().out
+
+
+def test_cli_help_shows_each_task_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default digits-mlp: 256; smollm2-135m, causal-lm: 1024)" in text
+    assert "(default digits-mlp: 0.1; smollm2-135m, causal-lm: 0.5)" in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("icbs-opt 0.")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "--task", "causal-lm"], "task 'causal-lm' needs a model: pass"),
+        (["prune", "--device", "gpu"], "device must be a torch device such as cpu"),
+        (["prune", "--device", "cuda:7"], "device 'cuda:7' is not available here"),
+        (["prune", "--threads", "0"], "threads must be an integer >= 1, got 0"),
+        (["prune", "--json", "."], "output file '.' is a directory"),
+        (["prune", "--seq-len", "8"], "task 'digits-mlp' does not take option"),
+        (["prune", "--data-dir", "/nowhere", "--task", "smollm2-135m"],
+         "data folder '/nowhere' does not exist"),
+        (["evaluate", "--model", "/nowhere"], "model directory '/nowhere' does not"),
+        (["evaluate", "--task", "mnist"], "unknown task 'mnist'; known tasks:"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_fails_fast_in_one_line(argv, message, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(tasks, "load_or_train_digits_mlp", no_model)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_cli_output_that_is_a_file_fails_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tasks, "load_or_train_digits_mlp", None)  # never reached
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["prune", "--out", str(taken)]) == 2
+    assert "output folder" in capsys.readouterr().err

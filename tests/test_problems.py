@@ -35,10 +35,18 @@ def test_symmetrises_and_keeps_energies():
             r"finite, got nan at index \(0, 1\)",
         ),
         (np.array([[np.inf]]), 0, "finite, got inf"),
-        (np.eye(3), 4, "0 <= k <= n = 3, got k = 4"),
-        (np.eye(3), -1, "got k = -1"),
-        (np.eye(3), 1.5, "k must be an integer, got 1.5"),
+        (np.eye(3), 4, r"k must be an integer in \[0, 3\], got 4"),
+        (np.eye(3), -1, r"k must be an integer in \[0, 3\], got -1"),
+        (np.eye(3), 1.5, r"k must be an integer in \[0, 3\], got 1.5"),
+        (np.eye(3), float("nan"), "got nan"),
+        (np.eye(3), True, "got True"),
+        (np.eye(3), "1", "k must be an integer, got '1'"),
         ([["a"]], 0, "numeric matrix"),
+        ([[1j]], 0, "Q must be real, got complex"),
+        # finite entries whose sum (Q + Q^T) / 2 overflows to inf
+        (np.array([[0.0, 1.7e308], [1.7e308, 0.0]]), 1, "too large for float64"),
+        # finite after symmetrising, but energies and penalties would overflow
+        (np.array([[0.0, 5e306], [5e306, 0.0]]), 1, r"sum \|Q_ij\| = 1e\+307"),
     ],
 )
 def test_validation_errors(Q, k, match):
@@ -100,7 +108,7 @@ def test_decode_mapping_spins_and_errors():
     assert p.decode(np.array([1, 1, 1])).tolist() == [1, 1, 1]
     with pytest.raises(ProblemError, match="exactly the variables 0..2"):
         p.decode({0: 1, 1: 0})
-    with pytest.raises(ProblemError, match="0/1 or -1/\\+1"):
+    with pytest.raises(ProblemError, match=r"0/1 or -1/\+1"):
         p.decode([0, 3, 1])
 
 
@@ -155,7 +163,7 @@ def test_bad_files(tmp_path):
         BlockProblem.load(tmp_path / "missing.npz")
     bad = tmp_path / "bad.npz"
     bad.write_text("not a zip")
-    with pytest.raises(ProblemError, match="cannot read problem file"):
+    with pytest.raises(ProblemError, match=r"bad.npz': not an .npz archive"):
         BlockProblem.load(bad)
     np.savez(tmp_path / "noq.npz", A=np.eye(2))
     with pytest.raises(
@@ -163,7 +171,7 @@ def test_bad_files(tmp_path):
     ):
         BlockProblem.load(tmp_path / "noq.npz")
     txt = tmp_path / "junk.txt"
-    txt.write_text("hello world\n")
+    txt.write_text("hello there world\n")
     with pytest.raises(ProblemError, match="not an .npz or UBQP text file"):
         BlockProblem.load(txt)
     nok = tmp_path / "nok.ubqp"
@@ -173,9 +181,108 @@ def test_bad_files(tmp_path):
     assert BlockProblem.load(nok, k=1).Q[0, 1] == pytest.approx(1.5)
     short = tmp_path / "short.ubqp"
     short.write_text("# k = 1\n2 3\n1 2 3.0\n")
-    with pytest.raises(ProblemError, match="announces 3 entries but has 1"):
+    with pytest.raises(ProblemError, match="announces m = 3 entries but 1 lines"):
         BlockProblem.load(short)
     out = tmp_path / "out.ubqp"
     out.write_text("# k = 1\n2 1\n1 5 3.0\n")
-    with pytest.raises(ProblemError, match="outside 1..2"):
+    with pytest.raises(
+        ProblemError, match=r"line 3: index j must be an integer in \[1, 2\], got '5'"
+    ):
         BlockProblem.load(out)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        (
+            {"Q": np.eye(2), "k": np.array([1])},
+            r"single integer, got an array .*\(1,\)",
+        ),
+        ({"Q": np.eye(2), "k": np.nan}, r"k must be an integer in \[0, 2\], got nan"),
+        ({"Q": np.eye(2), "k": 2.5}, r"k must be an integer in \[0, 2\], got 2.5"),
+        ({"Q": np.eye(2), "k": 1.0}, r"k must be an integer in \[0, 2\], got 1.0"),
+        ({"Q": np.eye(2), "k": True}, "got True"),
+        ({"Q": np.eye(2), "k": "1"}, "k must be an integer, got '1'"),
+        ({"Q": [[1.0, 2.0]], "k": 1}, r"square matrix, got shape \(1, 2\)"),
+    ],
+)
+def test_bad_npz_contents(tmp_path, arrays, match):
+    path = tmp_path / "p.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ProblemError, match=f"p.npz': .*{match}"):
+        BlockProblem.load(path)
+
+
+def test_npz_that_is_not_an_array_archive(tmp_path):
+    import zipfile
+
+    path = tmp_path / "z.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("Q.npy", "not an array header")
+        z.writestr("notes.txt", "hello")
+    with pytest.raises(ProblemError, match="z.npz': not a.* .npz archive"):
+        BlockProblem.load(path)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "hello")
+    with pytest.raises(ProblemError, match="member 'notes.txt' is not a .npy array"):
+        BlockProblem.load(path)
+
+
+def test_directory_and_unreadable_file(tmp_path, monkeypatch):
+    with pytest.raises(ProblemError, match="is a directory, not a problem file"):
+        BlockProblem.load(tmp_path)
+    binary = tmp_path / "binary.ubqp"
+    binary.write_bytes(b"\xff\xfe 3 1\n")
+    with pytest.raises(ProblemError, match="binary.ubqp': not an .npz or UBQP text"):
+        BlockProblem.load(binary)
+    path = tmp_path / "locked.ubqp"
+    random_problem(3, 1, seed=0).to_ubqp(path)
+
+    def denied(*args, **kwargs):  # as root, chmod cannot make a file unreadable
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(ProblemError, match="locked.ubqp': cannot read it"):
+        BlockProblem.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "no header line 'n m'"),
+        ("3\n", "line 2 should be the header 'n m'"),
+        (
+            "-3 1\n1 1 1.0\n",
+            r"n in the header 'n m' must be an integer >= 1, got '-3'",
+        ),
+        ("2 -1\n", r"m in the header 'n m' must be an integer >= 0, got '-1'"),
+        ("2.5 1\n1 1 1.0\n", "n in the header 'n m' must be an integer"),
+        ("100000000000 1\n1 1 1.0\n", "n = 100000000000 in the header is too large"),
+        (
+            "2 1\n1.7 2 1.0\n",
+            r"line 3: index i must be an integer in \[1, 2\], got '1.7'",
+        ),
+        ("2 1\n0 2 1.0\n", r"line 3: index i .*got '0'"),
+        ("2 1\n1 2\n", "three numbers"),
+        ("2 2\n1 2 1.0\n1 2 3 4\n", "three numbers"),
+        ("2 1\n1 2 x\n", "three numbers"),
+        ("2 1\n1 2 nan\n", "line 3: q must be finite, got 'nan'"),
+        ("2 1\n1 2 1e309\n", "line 3: q must be finite, got '1e309'"),
+        ("2 1\n1 2 1.0\n3 4 5\n", "announces m = 1 entries but 2 lines follow"),
+    ],
+)
+def test_malformed_ubqp(tmp_path, text, match):
+    path = tmp_path / "p.ubqp"
+    path.write_text("# k = 1\n" + text)
+    with pytest.raises(ProblemError, match=match):
+        BlockProblem.load(path)
+
+
+def test_ubqp_k_line_must_be_an_integer(tmp_path):
+    path = tmp_path / "p.ubqp"
+    path.write_text("# k = 2.5\n2 1\n1 2 1.0\n")
+    with pytest.raises(ProblemError, match=r"k on line 1 .* must be an integer >= 0"):
+        BlockProblem.load(path)
+    path.write_text("# k = 1\n2 2\n1 2 1.7e308\n2 1 1.7e308\n")
+    with pytest.raises(ProblemError, match="too large for float64"):
+        BlockProblem.load(path)

@@ -20,6 +20,7 @@ from icbs_opt.pruning import (
     nonzero_density,
     prune,
 )
+from icbs_opt.pruning.selection import select_block
 
 
 def ce_loss(model, X, y):
@@ -156,12 +157,12 @@ def test_tabu_passes_over_recent_weights():
         selection="magnitude",
     )
     X, y = torch.randn(8, 10), torch.randn(8, 10)
-    first = pruner._select_block(pruner._layers["0"], X, y)
-    pruner._push_tabu(pruner._layers["0"], first)
-    second = pruner._select_block(pruner._layers["0"], X, y)
+    L = pruner._layers["0"]
+    first = select_block(L, L.w0.abs, 10, 5)
+    L.push_tabu(first)
+    second = select_block(L, L.w0.abs, 10, 5)
     assert not set(first.tolist()) & set(second.tolist())
     # the FIFO holds at most tabu_frac of the free weights
-    L = pruner._layers["0"]
     for _ in range(5):
         pruner.step(X, y)
         assert len(L.tabu) <= 50
@@ -226,10 +227,10 @@ def test_log_schedule_counts():
         schedule="log",
         min_steps_per_layer=3,
     )
-    picks = [pruner._pick_layer(None) for _ in range(3 + 3 + 3)]
+    picks = [pruner._schedule.next() for _ in range(3 + 3 + 3)]
     assert sorted(picks) == ["0"] * 3 + ["1"] * 3 + ["2"] * 3
     pruner = Pruner(model, mse_loss, 0.5, "exhaustive", block_size=4, schedule="log")
-    picks = [pruner._pick_layer(None) for _ in range(2 + 3 + 3)]
+    picks = [pruner._schedule.next() for _ in range(2 + 3 + 3)]
     assert sorted(picks) == ["0"] * 2 + ["1"] * 3 + ["2"] * 3
 
 
@@ -440,7 +441,7 @@ def test_prune_loop_iterator_runs_out():
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("density", [0, 1, 1.5, -0.1, "0.5", True, float("nan")])
+@pytest.mark.parametrize("density", [0, 1, 1.5, -0.1, "half", True, float("nan")])
 def test_bad_density(density):
     with pytest.raises(PruningError, match=f"density must be .* got {density!r}"):
         Pruner(mlp(), ce_loss, density, "exhaustive")
@@ -450,17 +451,17 @@ def test_bad_density(density):
     ("options", "match"),
     [
         ({"block_size": 1}, "block_size must be an integer >= 2, got 1"),
-        ({"block_size": 8, "k": 0}, r"k must be .*\[1, block_size - 1 = 7\], got 0"),
+        ({"block_size": 8, "k": 0}, r"k must be an integer in \[1, 7\], got 0"),
         ({"block_size": 8, "k": 8}, "got 8"),
         ({"init": "l1"}, "init must be one of .* got 'l1'"),
         ({"init": "random_per_output"}, "got 'random_per_output'"),
         ({"selection": "best"}, "selection must be one of .* got 'best'"),
         ({"hessian": "fisher"}, "got 'fisher'"),
         ({"schedule": "cosine"}, "got 'cosine'"),
-        ({"tabu_frac": 1.0}, r"tabu_frac must be in \[0, 1\), got 1.0"),
-        ({"fix_frac_keep": -0.1}, "fix_frac_keep must be in"),
-        ({"max_batch_size": 0}, "max_batch_size must be None or an integer >= 1"),
-        ({"seed": -1}, "seed must be a non-negative integer, got -1"),
+        ({"tabu_frac": 1.0}, r"tabu_frac must be a finite number in \[0, 1\), got 1.0"),
+        ({"fix_frac_keep": -0.1}, r"fix_frac_keep must be a finite number in \[0, 1\]"),
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
         ({"blocksize": 8}, "unknown Pruner option 'blocksize'"),
         ({"layers": ["0", "fc9"]}, "unknown layer 'fc9'; prunable layers are: 0, 2"),
         ({"layers": "0"}, "must be a list"),

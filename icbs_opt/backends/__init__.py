@@ -39,16 +39,18 @@ def backend_class(name: str) -> type[Backend]:
     Raises:
         BackendError: For an unknown name; the message lists the known ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise BackendError(
             f"unknown backend {name!r}; known backends: {', '.join(_REGISTRY)}"
-        ) from None
+        )
+    return _REGISTRY[name]
 
 
 def get_backend(name: str, **options: Any) -> Backend:
     """Return a ready-to-run backend ``name`` configured with ``options``.
+
+    Option values may be strings (as the command line gives them); an option
+    given as ``None`` takes its default, as if it were not given.
 
     Raises:
         BackendError: For an unknown name or a bad option.

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from icbs_opt.checks import check_float, check_int, is_integer
 from icbs_opt.errors import BackendError, ProblemError, ProblemTooLarge
 from icbs_opt.problems import BlockProblem
 
@@ -22,8 +23,11 @@ class Option:
         name: Option name, as given to ``get_backend(name, **{name: value})`` and
             on the command line as ``--backend-option name=value``.
         parse: Converts a value (or its command-line string) to the option's type
-            and checks it; raises ``ValueError`` with the reason when it is bad.
-        default: Value used when the option is not given.
+            and checks it. When the value is bad it raises ``BackendError`` with a
+            whole message naming the option and showing the value (the helpers
+            below, via :mod:`icbs_opt.checks`), or ``ValueError``/``TypeError``
+            with just the reason (``"expected ..."``), which the backend completes.
+        default: Value used when the option is not given or given as ``None``.
         help: One line for ``icbs-opt backends``.
         kind: Short type description shown to users, e.g. ``"int >= 1"``.
     """
@@ -35,30 +39,38 @@ class Option:
     kind: str
 
 
-def int_option(name: str, default: int, help: str, *, minimum: int = 1) -> Option:
-    """An integer option with a lower bound."""
+#: Largest value of an option a backend hands to a C ``int`` (neal, scipy).
+C_INT_MAX = 2**31 - 1
+
+
+def int_option(
+    name: str,
+    default: int,
+    help: str,
+    *,
+    minimum: int = 1,
+    maximum: int | None = None,
+) -> Option:
+    """An integer option in ``[minimum, maximum]`` (``maximum`` None: int64)."""
+    label = f"option {name!r}"
 
     def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError("expected an integer")
-        number = int(value) if isinstance(value, str) else value
-        if not isinstance(number, (int, np.integer)) or number < minimum:
-            raise ValueError(f"expected an integer >= {minimum}")
-        return int(number)
+        return check_int(
+            value, label, minimum=minimum, maximum=maximum, error=BackendError
+        )
 
-    return Option(name, parse, default, help, f"int >= {minimum}")
+    kind = f"int >= {minimum}" if maximum is None else f"int in [{minimum}, {maximum}]"
+    return Option(name, parse, default, help, kind)
 
 
 def float_option(
     name: str, default: float | None, help: str, *, minimum: float = 0.0
 ) -> Option:
     """A finite float option with an inclusive lower bound."""
+    label = f"option {name!r}"
 
     def parse(value: Any) -> float:
-        number = float(value)
-        if not np.isfinite(number) or number < minimum:
-            raise ValueError(f"expected a finite number >= {minimum:g}")
-        return number
+        return check_float(value, label, minimum=minimum, error=BackendError)
 
     return Option(name, parse, default, help, f"float >= {minimum:g}")
 
@@ -67,11 +79,22 @@ def choice_option(name: str, choices: Sequence[str], default: str, help: str) ->
     """A string option taking one of ``choices``."""
 
     def parse(value: Any) -> str:
-        if value not in choices:
+        if not isinstance(value, str) or value not in choices:
             raise ValueError(f"expected one of {', '.join(map(repr, choices))}")
-        return str(value)
+        return value
 
     return Option(name, parse, default, help, " | ".join(choices))
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int >= 0 of any size (seeds are hashed, never truncated).
+
+    Raises:
+        ProblemError: If ``seed`` is not a non-negative integer (bools refused).
+    """
+    if not is_integer(seed) or seed < 0:
+        raise ProblemError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -112,7 +135,9 @@ class Backend(abc.ABC):
     start, times the call and recomputes energy and feasibility.
 
     Args:
-        **options: Values for the declared options; others raise ``BackendError``.
+        **options: Values for the declared options (strings are parsed, as the
+            command line gives them); ``None`` stands for the option's default.
+            Unknown names and bad values raise ``BackendError``.
     """
 
     name: ClassVar[str]
@@ -129,18 +154,23 @@ class Backend(abc.ABC):
                 f"unknown option {unknown[0]!r} for backend {self.name!r}; "
                 f"its options are: {known}"
             )
-        self._params: dict[str, Any] = {}
-        for opt in self.options:
-            value = options.get(opt.name, opt.default)
-            if opt.name in options and value is not None:
-                try:
-                    value = opt.parse(value)
-                except (TypeError, ValueError) as exc:
-                    raise BackendError(
-                        f"option {opt.name!r} of backend {self.name!r} got "
-                        f"{value!r}: {exc}"
-                    ) from exc
-            self._params[opt.name] = value
+        self._params = {
+            opt.name: self._parse_option(opt, options.get(opt.name))
+            for opt in self.options
+        }
+
+    def _parse_option(self, opt: Option, value: Any) -> Any:
+        """``value`` parsed by ``opt``; ``None`` (or absent) means the default."""
+        if value is None:
+            return opt.default
+        try:
+            return opt.parse(value)
+        except BackendError as exc:  # a whole message already
+            raise BackendError(f"backend {self.name!r}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BackendError(
+                f"option {opt.name!r} of backend {self.name!r} got {value!r}: {exc}"
+            ) from None
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -185,12 +215,8 @@ class Backend(abc.ABC):
                 f"backend {self.name!r} takes at most n = {limit} variables, got "
                 f"n = {problem.n}; use a smaller block size (--block-size {limit})"
             )
-        if seed is not None and (
-            isinstance(seed, bool)
-            or not isinstance(seed, (int, np.integer))
-            or seed < 0
-        ):
-            raise ProblemError(f"seed must be a non-negative integer, got {seed!r}")
+        if seed is not None:
+            seed = check_seed(seed)
         if x0 is not None:
             x0 = problem.decode(x0)
             if int(x0.sum()) != problem.k:

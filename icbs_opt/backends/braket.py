@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icbs_opt.backends.base import (
+    C_INT_MAX,
     Backend,
     Option,
     choice_option,
     float_option,
     int_option,
 )
+from icbs_opt.checks import check_float
 from icbs_opt.errors import BackendError, BackendUnavailable
 from icbs_opt.problems import BlockProblem
+
+if TYPE_CHECKING:  # qaoa imports the Braket SDK, which stays optional
+    from icbs_opt.backends.qaoa import AngleSearch, Ansatz, SampleTally
 
 logger = logging.getLogger(__name__)
 
@@ -40,25 +44,25 @@ _SIM_OPERATIONS = {
     "XY": "XY",
     "ZZ": "ZZ",
 }
+#: Most QAOA layers: each adds O(n^2) gates, and no device keeps coherence so long.
+MAX_LAYERS = 1000
 #: Device states in which tasks run (AwsDevice says ONLINE, LocalSimulator AVAILABLE).
 _RUNNING_STATES = ("ONLINE", "AVAILABLE")
 
 
 def _parse_angles(value: Any) -> str | tuple[float, ...]:
-    if value == "ramp":
+    if isinstance(value, str) and value.strip() == "ramp":
         return "ramp"
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    angles = tuple(float(v) for v in parts)
-    if not angles or not all(math.isfinite(a) for a in angles):
-        raise ValueError("expected 'ramp' or 2p finite numbers 'g1,..,gp,b1,..,bp'")
-    return angles
-
-
-def _parse_optional_float(value: Any) -> float:
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError("expected a finite number >= 0")
-    return number
+    parts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple, np.ndarray)) or len(parts) == 0:
+        raise BackendError(
+            "option 'initial_angles' must be 'ramp' or 2p numbers "
+            f"'g1,..,gp,b1,..,bp', got {value!r}"
+        )
+    return tuple(
+        check_float(v, f"option 'initial_angles' value {i + 1}", error=BackendError)
+        for i, v in enumerate(parts)
+    )
 
 
 def _qaoa_options(shots: int, maxiter: int) -> tuple[Option, ...]:
@@ -71,15 +75,20 @@ def _qaoa_options(shots: int, maxiter: int) -> tuple[Option, ...]:
             "xy: Dicke state + XY mixer (always feasible); x: |+> + X mixer on the "
             "penalty model, samples repaired",
         ),
-        int_option("p", 2, "QAOA layers"),
-        int_option("shots", shots, "shots per circuit evaluation"),
+        int_option("p", 2, "QAOA layers", maximum=MAX_LAYERS),
+        int_option("shots", shots, "shots per circuit evaluation", maximum=C_INT_MAX),
         choice_option(
             "optimizer",
             ("COBYLA", "Nelder-Mead", "Powell"),
             "COBYLA",
             "scipy.optimize.minimize method for the angles",
         ),
-        int_option("maxiter", maxiter, "most circuit evaluations of the optimiser"),
+        int_option(
+            "maxiter",
+            maxiter,
+            "most circuit evaluations of the optimiser",
+            maximum=C_INT_MAX,
+        ),
         Option(
             "initial_angles",
             _parse_angles,
@@ -88,12 +97,10 @@ def _qaoa_options(shots: int, maxiter: int) -> tuple[Option, ...]:
             "ramp | 2p floats",
         ),
         choice_option("graph", ("ring", "complete"), "ring", "XY mixer graph"),
-        Option(
+        float_option(
             "penalty",
-            _parse_optional_float,
             None,
             "cardinality penalty of the x mixer (default: the problem's safe bound)",
-            "float >= 0",
         ),
     )
 
@@ -126,7 +133,6 @@ class _QaoaBackend(Backend):
         from icbs_opt.backends.qaoa import (
             Ansatz,
             SampleTally,
-            gate_counts,
             linear_ramp,
             optimise_angles,
         )
@@ -155,7 +161,6 @@ class _QaoaBackend(Backend):
         )
         final_mean = evaluate(search.angles)  # the optimised angles, sampled once more
         x, repaired = tally.answer()
-        circuit = ansatz.circuit(search.angles)
         logger.info(
             "%s: n=%d k=%d %s p=%d, %d evaluations, raw feasible %.3f, energy %.6g",
             self.name,
@@ -167,28 +172,42 @@ class _QaoaBackend(Backend):
             tally.feasible_shots / tally.shots,
             problem.energy(x),
         )
-        info = {
-            "mixer": o["mixer"],
-            "p": o["p"],
-            "gate_set": ansatz.gate_set,
-            "angles": search.angles.tolist(),
-            "angle_scale": ansatz.scale,
-            "history": search.history + [final_mean],
-            "final_mean": final_mean,
-            "evaluations": search.evaluations + 1,
-            "shots": tally.shots,
-            "raw_feasible_fraction": tally.feasible_shots / tally.shots,
-            "best_raw_energy": (
-                tally.best_raw_energy if tally.best_raw_x is not None else None
-            ),
-            "repaired": repaired,
-            "qubits": problem.n,
-            "depth": circuit.depth,
-            "gate_counts": gate_counts(circuit),
-        }
-        if ansatz.mixer == "x":
-            info["penalty"] = ansatz.penalty
-        return x, info
+        return x, _qaoa_info(ansatz, search, tally, final_mean, repaired)
+
+
+def _qaoa_info(
+    ansatz: Ansatz,
+    search: AngleSearch,
+    tally: SampleTally,
+    final_mean: float,
+    repaired: bool,
+) -> dict[str, Any]:
+    """The ``info`` of a QAOA solve (angles, evaluations, shots, the circuit)."""
+    from icbs_opt.backends.qaoa import gate_counts
+
+    circuit = ansatz.circuit(search.angles)
+    info = {
+        "mixer": ansatz.mixer,
+        "p": ansatz.p,
+        "gate_set": ansatz.gate_set,
+        "angles": search.angles.tolist(),
+        "angle_scale": ansatz.scale,
+        "history": search.history + [final_mean],
+        "final_mean": final_mean,
+        "evaluations": search.evaluations + 1,
+        "shots": tally.shots,
+        "raw_feasible_fraction": tally.feasible_shots / tally.shots,
+        "best_raw_energy": (
+            tally.best_raw_energy if tally.best_raw_x is not None else None
+        ),
+        "repaired": repaired,
+        "qubits": ansatz.problem.n,
+        "depth": circuit.depth,
+        "gate_counts": gate_counts(circuit),
+    }
+    if ansatz.mixer == "x":
+        info["penalty"] = ansatz.penalty
+    return info
 
 
 class BraketLocalBackend(_QaoaBackend):
@@ -269,7 +288,7 @@ def _direct_probabilities(circuit: Any, n: int) -> np.ndarray:
 
 
 def _parse_device_arn(value: Any) -> str:
-    arn = str(value)
+    arn = value.strip() if isinstance(value, str) else ""
     if not arn.startswith("arn:aws:braket:") or ":device/" not in arn:
         raise ValueError(
             "expected an Amazon Braket device ARN such as "
@@ -279,7 +298,8 @@ def _parse_device_arn(value: Any) -> str:
 
 
 def _parse_s3_folder(value: Any) -> tuple[str, str]:
-    text = str(value).removeprefix("s3://").strip("/")
+    text = value.strip() if isinstance(value, str) else ""
+    text = text.removeprefix("s3://").strip("/")
     bucket, _, prefix = text.partition("/")
     if not bucket or not prefix:
         raise ValueError("expected 'bucket/prefix' (or 's3://bucket/prefix')")

@@ -6,7 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends.base import Backend, Option, int_option
+from icbs_opt.backends.base import C_INT_MAX, Backend, Option, int_option
+from icbs_opt.checks import check_float
+from icbs_opt.errors import BackendError
 from icbs_opt.problems import BlockProblem
 
 #: Penalty strengths tried by ``penalty="auto"``, as fractions of the safe bound
@@ -15,19 +17,22 @@ AUTO_FRACTIONS = (1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)
 
 
 def _parse_penalty(value: Any) -> float | str:
-    if value == "auto":
+    if isinstance(value, str) and value.strip() == "auto":
         return "auto"
-    number = float(value)
-    if not np.isfinite(number) or number < 0:
-        raise ValueError("expected 'auto' or a finite number >= 0")
-    return number
+    return check_float(
+        value, "option 'penalty' ('auto' or a number)", minimum=0, error=BackendError
+    )
 
 
 def _parse_beta_range(value: Any) -> tuple[float, float]:
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    lo, hi = (float(p) for p in parts)
-    if not (0 < lo < hi and np.isfinite(hi)):
-        raise ValueError("expected two numbers 0 < low < high, e.g. '0.1,10'")
+    parts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple, np.ndarray)) or len(parts) != 2:
+        raise BackendError(
+            f"option 'beta_range' must be two numbers 'low,high' with "
+            f"0 < low < high, e.g. '0.1,10', got {value!r}"
+        )
+    lo = check_float(parts[0], "option 'beta_range' low", above=0, error=BackendError)
+    hi = check_float(parts[1], "option 'beta_range' high", above=lo, error=BackendError)
     return lo, hi
 
 
@@ -54,8 +59,13 @@ class NealBackend(Backend):
             "cardinality penalty strength, or 'auto' to search it",
             "auto | float >= 0",
         ),
-        int_option("num_reads", 10, "reads (independent anneals) per strength"),
-        int_option("num_sweeps", 1000, "sweeps per read"),
+        int_option(
+            "num_reads",
+            10,
+            "reads (independent anneals) per strength",
+            maximum=C_INT_MAX,
+        ),
+        int_option("num_sweeps", 1000, "sweeps per read", maximum=C_INT_MAX),
         Option(
             "beta_range",
             _parse_beta_range,

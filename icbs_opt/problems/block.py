@@ -10,10 +10,45 @@ from typing import Any
 import dimod
 import numpy as np
 
+from icbs_opt.checks import check_int
 from icbs_opt.errors import ProblemError
 
 #: Entries with ``|Q_ij|`` at or below this are set to zero by :meth:`scaled`.
 ZERO_CUTOFF = 1e-12
+
+
+def _symmetric_matrix(Q: Any) -> np.ndarray:
+    """``(Q + Q^T) / 2`` as float64, after checking Q is square and finite.
+
+    Refuses entries so large that ``(Q + Q^T) / 2``, an energy ``x^T Q x`` or the
+    cardinality penalty forms (below ``8 n^2 sum |Q_ij|``) would overflow float64.
+    """
+    if np.iscomplexobj(Q):
+        raise ProblemError("Q must be real, got complex entries")
+    try:
+        Q = np.array(Q, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProblemError(f"Q must be a numeric matrix, got {type(Q)!r}") from exc
+    if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
+        raise ProblemError(f"Q must be a square matrix, got shape {Q.shape}")
+    n = Q.shape[0]
+    if n < 1:
+        raise ProblemError("Q must have at least one row (n >= 1), got n = 0")
+    if not np.isfinite(Q).all():
+        bad = np.argwhere(~np.isfinite(Q))[0]
+        raise ProblemError(
+            f"Q must be finite, got {Q[tuple(bad)]} at index ({bad[0]}, {bad[1]})"
+        )
+    with np.errstate(over="ignore"):
+        Q = (Q + Q.T) / 2.0
+        total = float(np.abs(Q).sum())  # bounds |x^T Q x| over every 0/1 x
+    limit = np.finfo(np.float64).max / (8.0 * n * n)
+    if not total <= limit:  # also catches inf
+        raise ProblemError(
+            f"Q is too large for float64: sum |Q_ij| = {total:.3g} after "
+            f"symmetrising, above {limit:.3g} for n = {n}; scale Q down"
+        )
+    return Q
 
 
 class BlockProblem:
@@ -31,7 +66,8 @@ class BlockProblem:
             ``.npz`` files (numbers, strings or arrays), e.g. the layer it came from.
 
     Raises:
-        ProblemError: If ``Q`` is not square and finite or ``k`` is out of range.
+        ProblemError: If ``Q`` is not square and finite, so large that energies
+            would overflow float64, or ``k`` is not an integer in ``[0, n]``.
 
     Example:
         >>> p = BlockProblem([[1.0, -2.0], [-2.0, 1.0]], k=1)
@@ -44,28 +80,13 @@ class BlockProblem:
     __slots__ = ("_Q", "_k", "_meta")
 
     def __init__(self, Q: Any, k: int, *, meta: Mapping[str, Any] | None = None):
-        try:
-            Q = np.array(Q, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise ProblemError(f"Q must be a numeric matrix, got {type(Q)!r}") from exc
-        if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
-            raise ProblemError(f"Q must be a square matrix, got shape {Q.shape}")
-        if Q.shape[0] < 1:
-            raise ProblemError("Q must have at least one row (n >= 1), got n = 0")
-        if not np.isfinite(Q).all():
-            bad = np.argwhere(~np.isfinite(Q))[0]
-            raise ProblemError(
-                f"Q must be finite, got {Q[tuple(bad)]} at index ({bad[0]}, {bad[1]})"
-            )
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        Q = _symmetric_matrix(Q)
+        if isinstance(k, str):  # check_int parses strings; a problem takes numbers
             raise ProblemError(f"k must be an integer, got {k!r}")
-        n = Q.shape[0]
-        if not 0 <= k <= n:
-            raise ProblemError(f"k must satisfy 0 <= k <= n = {n}, got k = {k}")
-        Q = (Q + Q.T) / 2.0
+        k = check_int(k, "k", minimum=0, maximum=Q.shape[0], error=ProblemError)
         Q.flags.writeable = False
         self._Q = Q
-        self._k = int(k)
+        self._k = k
         self._meta = dict(meta or {})
 
     # ------------------------------------------------------------------ basics
@@ -293,11 +314,28 @@ class BlockProblem:
                 without a ``# k = K`` comment.
 
         Raises:
-            ProblemError: If the file is missing, unreadable or malformed.
+            ProblemError: If the file is missing, unreadable or malformed, or holds
+                an invalid problem; the message starts with the file's name.
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ProblemError(f"cannot read problem file {path!r}: no such file")
+        try:
+            return cls._read(path, k)
+        except ProblemError as exc:
+            raise ProblemError(f"problem file {path!r}: {exc}") from exc
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ProblemError(
+                f"problem file {path!r}: cannot read it: {reason}"
+            ) from exc
+
+    @classmethod
+    def _read(cls, path: str, k: int | None) -> BlockProblem:
+        if os.path.isdir(path):
+            raise ProblemError("is a directory, not a problem file")
+        if not os.path.exists(path):
+            raise ProblemError("no such file")
+        with open(path, "rb"):  # an unreadable file raises OSError here
+            pass
         if path.endswith(".npz"):
             return cls._load_npz(path, k)
         return cls._load_ubqp(path, k)
@@ -305,64 +343,126 @@ class BlockProblem:
     @classmethod
     def _load_npz(cls, path: str, k: int | None) -> BlockProblem:
         if not zipfile.is_zipfile(path):
-            raise ProblemError(
-                f"cannot read problem file {path!r}: not an .npz archive"
-            )
+            raise ProblemError("not an .npz archive (not a zip file)")
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
-        except Exception as exc:  # numpy raises many types for a corrupt file
-            raise ProblemError(f"cannot read problem file {path!r}: {exc}") from exc
-        if "Q" not in arrays or ("k" not in arrays and k is None):
+        except Exception as exc:  # numpy and zipfile raise many types
+            raise ProblemError(f"not a readable .npz archive ({exc})") from exc
+        others = [name for name, v in arrays.items() if not isinstance(v, np.ndarray)]
+        if others:
             raise ProblemError(
-                f"problem file {path!r} must hold arrays 'Q' and 'k', "
-                f"found {sorted(arrays)}"
+                f"not an .npz archive: member {others[0]!r} is not a .npy array"
             )
+        if "Q" not in arrays or ("k" not in arrays and k is None):
+            raise ProblemError(f"must hold arrays 'Q' and 'k', found {sorted(arrays)}")
         Q = arrays.pop("Q")
         k_file = arrays.pop("k", None)
+        if k is None and k_file.ndim != 0:
+            raise ProblemError(
+                f"k must be a single integer, got an array of shape {k_file.shape}"
+            )
         meta = {
             key: (val.item() if val.ndim == 0 else val) for key, val in arrays.items()
         }
-        return cls(Q, int(k_file) if k is None else k, meta=meta)
+        return cls(Q, k_file.item() if k is None else k, meta=meta)
 
     @classmethod
     def _load_ubqp(cls, path: str, k: int | None) -> BlockProblem:
-        k_file = None
-        rows: list[str] = []
         try:
             with open(path, encoding="ascii") as f:
-                for line in f:
-                    text = line.strip()
-                    if text.startswith("#"):
-                        key, _, value = text.lstrip("# ").partition("=")
-                        if key.strip() == "k":
-                            k_file = int(value)
-                    elif text:
-                        rows.append(text)
-            n, m = (int(v) for v in rows[0].split())
-            body = np.loadtxt(rows[1:], ndmin=2) if m else np.zeros((0, 3))
-        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+                k_file, lines = _ubqp_lines(f)
+        except UnicodeDecodeError as exc:
             raise ProblemError(
-                f"cannot read problem file {path!r}: not an .npz or UBQP text file "
-                f"({exc})"
+                f"not an .npz or UBQP text file (not ASCII text: {exc.reason} at "
+                f"byte {exc.start})"
             ) from exc
-        if body.shape != (m, 3):
-            raise ProblemError(
-                f"UBQP file {path!r} announces {m} entries but has {body.shape[0]} "
-                "rows of 'i j q'"
-            )
-        i, j = body[:, 0].astype(int) - 1, body[:, 1].astype(int) - 1
-        if m and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n):
-            raise ProblemError(f"UBQP file {path!r} has an index outside 1..{n}")
-        Q = np.zeros((n, n))
-        np.add.at(Q, (i, j), body[:, 2] / 2.0)
-        np.add.at(Q, (j, i), body[:, 2] / 2.0)
+        if not lines:
+            raise ProblemError("not an .npz or UBQP text file: no header line 'n m'")
+        n, m = _ubqp_header(*lines[0])
+        i, j, q = _ubqp_entries(lines[1:], n, m)
         k = k if k is not None else k_file
         if k is None:
-            raise ProblemError(
-                f"UBQP file {path!r} has no '# k = K' line; give k explicitly"
-            )
+            raise ProblemError("UBQP text has no '# k = K' line; give k explicitly")
+        Q = np.zeros((n, n))
+        np.add.at(Q, (i, j), q / 2.0)
+        np.add.at(Q, (j, i), q / 2.0)
         return cls(Q, k)
+
+
+#: Largest n read from UBQP text: the dense Q takes 8 n^2 bytes (8 GiB here).
+MAX_UBQP_N = 1 << 15
+
+
+def _ubqp_lines(f: Any) -> tuple[int | None, list[tuple[int, str]]]:
+    """The ``# k = K`` value and the other non-empty lines with their numbers."""
+    k_file = None
+    lines: list[tuple[int, str]] = []
+    for number, line in enumerate(f, start=1):
+        text = line.strip()
+        if text.startswith("#"):
+            key, _, value = text.lstrip("# ").partition("=")
+            if key.strip() == "k":
+                label = f"k on line {number} ('# k = K')"
+                k_file = check_int(value, label, minimum=0, error=ProblemError)
+        elif text:
+            lines.append((number, text))
+    return k_file, lines
+
+
+def _ubqp_header(number: int, text: str) -> tuple[int, int]:
+    """``n`` and ``m`` from the header line, refusing an n too large to allocate."""
+    tokens = text.split()
+    if len(tokens) != 2:
+        raise ProblemError(
+            f"not an .npz or UBQP text file: line {number} should be the header "
+            f"'n m' (two integers), got {text!r}"
+        )
+    n = check_int(tokens[0], "n in the header 'n m'", minimum=1, error=ProblemError)
+    m = check_int(tokens[1], "m in the header 'n m'", minimum=0, error=ProblemError)
+    if n > MAX_UBQP_N:
+        raise ProblemError(
+            f"n = {n} in the header is too large: a dense Q would take "
+            f"{8 * n * n / 2**30:.3g} GiB; UBQP files are read up to n = {MAX_UBQP_N}"
+        )
+    return n, m
+
+
+def _ubqp_entries(
+    lines: list[tuple[int, str]], n: int, m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """0-based ``i``, ``j`` and the values ``q`` of the ``m`` lines ``i j q``."""
+    if len(lines) != m:
+        raise ProblemError(
+            f"the header announces m = {m} entries but {len(lines)} lines follow"
+        )
+    if not m:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0)
+    try:
+        body = np.loadtxt([text for _, text in lines], ndmin=2)
+    except ValueError as exc:
+        raise ProblemError(
+            f"entry lines must be 'i j q' (three numbers): {exc}"
+        ) from exc
+    if body.shape[1] != 3:
+        raise ProblemError(
+            f"entry lines must be 'i j q' (three numbers), got {body.shape[1]} columns"
+        )
+    for col, name in ((0, "i"), (1, "j")):
+        values = body[:, col]
+        bad = ~((values >= 1) & (values <= n) & (values == np.floor(values)))
+        if bad.any():
+            row = int(np.argmax(bad))
+            number, text = lines[row]
+            raise ProblemError(
+                f"line {number}: index {name} must be an integer in [1, {n}], "
+                f"got {text.split()[col]!r}"
+            )
+    bad = ~np.isfinite(body[:, 2])
+    if bad.any():
+        number, text = lines[int(np.argmax(bad))]
+        raise ProblemError(f"line {number}: q must be finite, got {text.split()[2]!r}")
+    return body[:, 0].astype(np.intp) - 1, body[:, 1].astype(np.intp) - 1, body[:, 2]
 
 
 def random_problem(

@@ -1,27 +1,17 @@
-"""Pruning tasks: a model, its loss, data and metric, registered by name.
+"""The ``digits-mlp`` task: a 64-256-256-10 MLP on scikit-learn's 8x8 digits.
 
-A :class:`Task` bundles everything ``icbs-opt prune`` needs. Builders are
-registered with :func:`register_task` and called by :func:`get_task` with
-task-specific options (keyword arguments of the builder; the CLI passes its
-task flags through). The built-in ``digits-mlp`` task trains a small MLP on
-scikit-learn's digits on first use and caches it (see :func:`default_cache_dir`).
-
-Example:
-    >>> "digits-mlp" in task_names()
-    True
+The model is trained on first use by a fixed recipe and cached (see
+:func:`default_cache_dir`); its test accuracy is the metric.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icbs_opt.derivatives import LossFn
 from icbs_opt.errors import DataError
+from icbs_opt.tasks import Task
+from icbs_opt.tasks.options import DigitsOptions
 
 logger = logging.getLogger(__name__)
 
@@ -62,122 +53,6 @@ def save_state_dict(model: nn.Module, directory: str | os.PathLike) -> list[Path
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     return [path]
-
-
-@dataclass
-class Task:
-    """A model to prune with its loss, data and metric.
-
-    Attributes:
-        name: Registered name.
-        model: The dense, trained model (pruned in place by a Pruner).
-        loss_fn: ``loss_fn(model, X, y) -> scalar``, mean of per-sample losses.
-        layers: Qualified names of the prunable modules.
-        make_batches: ``make_batches(seed)`` -> endless iterator of ``(X, y)``
-            pruning batches, the same sequence for the same seed.
-        calibration: ``(X, y)`` batch for ``wanda``/``gradient`` init.
-        evaluate: ``evaluate(model) -> {"metric": float, "loss": float}``.
-        metric: Name of the metric, ``"accuracy"`` (in %) or ``"perplexity"``.
-        higher_is_better: Whether a larger metric is better.
-        save_model: ``save_model(model, directory) -> [files]`` writes the model.
-        prune_defaults: Settings this task prefers over the CLI's defaults:
-            ``PruneConfig`` fields (e.g. ``block_size``), ``steps``,
-            ``eval_every`` and ``threads`` (torch CPU threads).
-        info: Facts shown to users and saved with results (e.g. dense accuracy).
-    """
-
-    name: str
-    model: nn.Module
-    loss_fn: LossFn
-    layers: list[str]
-    make_batches: Callable[[int], Iterator[tuple[Any, Any]]]
-    calibration: tuple[Any, Any]
-    evaluate: Callable[[nn.Module], dict[str, float]]
-    metric: str
-    higher_is_better: bool = True
-    save_model: Callable[[nn.Module, str | os.PathLike], list[Path]] = save_state_dict
-    prune_defaults: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def batches(self, seed: int = 0) -> Iterator[tuple[Any, Any]]:
-        """Endless seeded iterator of pruning batches."""
-        return self.make_batches(seed)
-
-
-_TASKS: dict[str, Callable[..., Task]] = {}
-
-#: Modules that register built-in tasks when imported (loaded on first lookup).
-BUILTIN_TASK_MODULES = ("icbs_opt.llm",)
-_builtins_loaded = False
-
-
-def _load_builtin_tasks() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    for module in BUILTIN_TASK_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:  # an optional task family is missing
-            logger.debug("tasks of %s not available: %s", module, exc)
-
-
-def register_task(name: str, builder: Callable[..., Task]) -> None:
-    """Register ``builder(**task_options) -> Task`` under ``name``.
-
-    Raises:
-        DataError: If the name is taken or the builder is not callable.
-    """
-    if not callable(builder):
-        raise DataError(f"task {name!r} needs a callable builder, got {builder!r}")
-    if name in _TASKS:
-        raise DataError(f"a task named {name!r} is already registered")
-    _TASKS[name] = builder
-
-
-def task_names() -> list[str]:
-    """Names of the registered tasks."""
-    _load_builtin_tasks()
-    return list(_TASKS)
-
-
-def task_options(name: str) -> list[str]:
-    """Option names the task ``name`` takes (its builder's keyword arguments)."""
-    params = inspect.signature(_builder(name)).parameters.values()
-    return [
-        p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-
-
-def _builder(name: str) -> Callable[..., Task]:
-    _load_builtin_tasks()
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise DataError(
-            f"unknown task {name!r}; known tasks: {', '.join(_TASKS)}"
-        ) from None
-
-
-def get_task(name: str, **options: Any) -> Task:
-    """Build the task ``name`` with task-specific ``options``.
-
-    Raises:
-        DataError: For an unknown task (the message lists the known ones) or an
-            option the task does not take.
-    """
-    builder = _builder(name)
-    params = inspect.signature(builder).parameters.values()
-    if not any(p.kind == p.VAR_KEYWORD for p in params):
-        known = task_options(name)
-        for key in options:
-            if key not in known:
-                raise DataError(
-                    f"task {name!r} does not take option {key!r}; its options: "
-                    f"{', '.join(known) or 'none'}"
-                )
-    return builder(**options)
 
 
 # ------------------------------------------------------------------ digits-mlp
@@ -339,32 +214,20 @@ def load_or_train_digits_mlp(
     return model, data, accuracy
 
 
-def build_digits_mlp(
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 200,
-    device: str = "cpu",
-    retrain: bool = False,
-) -> Task:
-    """The ``digits-mlp`` task.
+def build_digits_mlp(options: DigitsOptions) -> Task:
+    """The ``digits-mlp`` task: test accuracy in %, calibration = the training set.
 
-    Args:
-        cache_dir: Where the trained model is cached (default: see
-            :func:`default_cache_dir`).
-        batch_size: Training samples per pruning batch (drawn without
-            replacement within a batch, seeded).
-        device: Torch device of the model and data.
-        retrain: Train again even if a cached model exists.
-
-    Returns:
-        The task: metric test accuracy in %, calibration batch = the training set.
+    Pruning batches are ``options.batch_size`` training samples drawn without
+    replacement within a batch, seeded.
     """
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    model, data, accuracy = load_or_train_digits_mlp(directory, retrain=retrain)
-    X_tr, y_tr, X_te, y_te = (t.to(device) for t in data)
-    if isinstance(batch_size, bool) or not 1 <= int(batch_size) <= len(X_tr):
+    cache = options.cache_dir
+    directory = Path(cache) if cache is not None else default_cache_dir()
+    model, data, accuracy = load_or_train_digits_mlp(directory, retrain=options.retrain)
+    X_tr, y_tr, X_te, y_te = (t.to(options.device) for t in data)
+    batch_size = options.batch_size
+    if batch_size > len(X_tr):
         raise DataError(f"batch_size must be in [1, {len(X_tr)}], got {batch_size!r}")
-    batch_size = int(batch_size)
-    model.to(device)
+    model.to(options.device)
 
     def make_batches(seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng(seed)
@@ -382,10 +245,26 @@ def build_digits_mlp(
         calibration=(X_tr, y_tr),
         evaluate=classifier_evaluator(X_te, y_te),
         metric="accuracy",
+        save_model=save_state_dict,
         higher_is_better=True,
-        prune_defaults={"threads": 1},
         info={"dense_accuracy": accuracy, "train": len(X_tr), "test": len(X_te)},
     )
 
 
-register_task("digits-mlp", build_digits_mlp)
+def load_saved_digits_mlp(directory: Path, options: DigitsOptions) -> Task:
+    """The ``digits-mlp`` task with the weights ``prune --out`` saved in directory.
+
+    Raises:
+        DataError: If ``model.safetensors`` is missing, unreadable or not a
+            digits MLP.
+    """
+    from safetensors.torch import load_file
+
+    task = build_digits_mlp(options)
+    path = directory / "model.safetensors"
+    try:
+        state = load_file(str(path), device=str(options.device))
+        task.model.load_state_dict(state)
+    except Exception as exc:  # safetensors and torch raise several types
+        raise DataError(f"cannot load a digits MLP from {str(path)!r}: {exc}") from exc
+    return task

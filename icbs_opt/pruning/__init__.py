@@ -1,0 +1,42 @@
+"""The iterative Combinatorial Brain Surgeon: the pruner and its loop.
+
+DESIGN.md section 1 is the specification. One concern per module:
+
+- :mod:`~icbs_opt.pruning.state`: which layers, their masks, frozen and tabu sets;
+- :mod:`~icbs_opt.pruning.selection`: the layer schedule and block selection;
+- :mod:`~icbs_opt.pruning.qubo`: the block QUBO and its solve;
+- :mod:`~icbs_opt.pruning.pruner`: :class:`Pruner`, the initial mask and the step;
+- :mod:`~icbs_opt.pruning.loop`: :func:`prune`, steps over batches with evaluations.
+
+Settings live in :mod:`icbs_opt.settings` (torch-free) and are re-exported here.
+"""
+
+from icbs_opt.pruning.loop import PruneResult, nonzero_density, prune
+from icbs_opt.pruning.pruner import Pruner, StepRecord, StepSeconds
+from icbs_opt.pruning.qubo import block_qubo
+from icbs_opt.settings import (
+    INIT_METHODS,
+    PAPER_CLASSIFIER_SETTINGS,
+    SCHEDULES,
+    SELECTION_METHODS,
+    Preset,
+    PruneConfig,
+    RunSettings,
+)
+
+__all__ = [
+    "INIT_METHODS",
+    "PAPER_CLASSIFIER_SETTINGS",
+    "SCHEDULES",
+    "SELECTION_METHODS",
+    "Preset",
+    "PruneConfig",
+    "PruneResult",
+    "Pruner",
+    "RunSettings",
+    "StepRecord",
+    "StepSeconds",
+    "block_qubo",
+    "nonzero_density",
+    "prune",
+]

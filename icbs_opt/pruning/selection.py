@@ -1,0 +1,79 @@
+"""Where a step works (DESIGN.md section 1, steps 1-2): the layer, then the block."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from icbs_opt.pruning.state import LayerState, top
+
+
+class LayerSchedule:
+    """Step 1: which layer each step works on.
+
+    ``uniform`` draws a layer at random every step; ``log`` runs epochs in which
+    each layer gets ``max(min_steps, round(log10(numel)))`` steps, shuffled.
+
+    Args:
+        layers: The layers' states, by name.
+        kind: ``uniform`` or ``log``.
+        min_steps: Floor of the ``log`` schedule's steps per layer.
+        rng: The pruner's random generator.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, LayerState],
+        kind: str,
+        min_steps: int,
+        rng: np.random.Generator,
+    ):
+        self.names = list(layers)
+        self.counts = {
+            name: max(min_steps, round(math.log10(L.numel)))
+            for name, L in layers.items()
+        }
+        self.kind, self.rng = kind, rng
+        self.pending: list[str] = []  # the rest of the current log epoch, popped
+
+    def next(self) -> str:
+        """The next layer's name."""
+        if self.kind == "uniform":
+            return self.names[int(self.rng.integers(len(self.names)))]
+        if not self.pending:  # a new epoch
+            epoch = [name for name in self.names for _ in range(self.counts[name])]
+            self.pending = [epoch[i] for i in self.rng.permutation(len(epoch))]
+        return self.pending.pop()
+
+
+def select_block(
+    L: LayerState,
+    scores: Callable[[], torch.Tensor],
+    block_size: int,
+    k: int,
+) -> torch.Tensor:
+    """Step 2: flat indices of a block of k pruned and n - k kept free weights.
+
+        Pruned weights with the highest ``scores()`` and kept weights with the lowest
+        (the likeliest to be mislabelled) are taken first; tabu weights are passed
+        over, and a side with too few other candidates is topped up with its tabu
+        weights. A layer with at most ``block_size`` free weights gives all of them
+    (and ``scores`` is not called).
+
+    Returns:
+        ``(n,)`` sorted flat indices into the weight.
+    """
+    free = ~L.frozen
+    if int(free.sum()) <= block_size:
+        return torch.nonzero(free).squeeze(1)
+    cand_p = torch.nonzero(free & L.pruned).squeeze(1)
+    cand_k = torch.nonzero(free & ~L.pruned).squeeze(1)
+    n_p = max(min(k, cand_p.numel()), block_size - cand_k.numel())
+    S = scores()  # (numel,)
+    tabu = L.tabu_count > 0  # (numel,) bool
+    pick_p = top(cand_p, S, tabu, n_p, largest=True)  # likeliest wrong
+    pick_k = top(cand_k, S, tabu, block_size - n_p, largest=False)
+    return torch.sort(torch.cat([pick_p, pick_k])).values

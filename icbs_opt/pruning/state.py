@@ -1,0 +1,207 @@
+"""Pruning state of the layers: which modules, their masks, frozen and tabu sets.
+
+Notation for one layer (flat over ``weight.reshape(-1)``): ``w0`` the original
+dense weights, ``pruned`` the mask (``True`` = pruned), current weights
+``w = w0 * ~pruned``. :meth:`LayerState.write` keeps the module's weight equal to
+that at all times.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from icbs_opt.derivatives import PRUNABLE_TYPES, check_prunable
+from icbs_opt.errors import PruningError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerState:
+    """Pruning state of one layer (all flat, on the weight's device).
+
+    Attributes:
+        name: Qualified module name.
+        module: The Linear or Conv2d module.
+        w0: ``(numel,)`` original dense weights.
+        pruned: ``(numel,)`` bool, True = pruned.
+        frozen: ``(numel,)`` bool, weights no step may move.
+        static_scores: ``(numel,)`` scores for ``wanda`` selection, else None.
+        tabu: FIFO of recently used flat indices (at most ``tabu_cap``).
+        tabu_count: ``(numel,)`` int32, how often each index sits in the FIFO.
+        tabu_cap: Capacity of the FIFO (0: no tabu list).
+    """
+
+    name: str
+    module: nn.Module
+    w0: torch.Tensor
+    pruned: torch.Tensor
+    frozen: torch.Tensor
+    static_scores: torch.Tensor | None = None
+    tabu: collections.deque = field(default_factory=collections.deque)
+    tabu_count: torch.Tensor | None = None
+    tabu_cap: int = 0
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module) -> LayerState:
+        """The dense state of ``module`` (nothing pruned, nothing frozen)."""
+        with torch.no_grad():
+            if not module.weight.is_contiguous():
+                module.weight.data = module.weight.data.contiguous()
+            w0 = module.weight.detach().reshape(-1).clone()
+        false = torch.zeros_like(w0, dtype=torch.bool)
+        return cls(name, module, w0, false.clone(), false.clone())
+
+    @property
+    def numel(self) -> int:
+        """Number of weights."""
+        return self.w0.numel()
+
+    def write(self, idx: torch.Tensor) -> None:
+        """Set weights ``idx`` of the module: 0 where pruned, ``w0`` where kept."""
+        with torch.no_grad():
+            flat = self.module.weight.view(-1)
+            w0 = self.w0[idx]
+            flat[idx] = torch.where(self.pruned[idx], torch.zeros_like(w0), w0)
+
+    def setup_tabu(self, tabu_frac: float, block_size: int) -> None:
+        """An empty tabu FIFO of ``tabu_frac`` of the free weights (or none)."""
+        free = int((~self.frozen).sum())
+        cap = int(tabu_frac * free)
+        if cap and free - cap < block_size:
+            logger.warning(
+                "layer %s has %d free weights: too few for a tabu list of %d and "
+                "blocks of %d; tabu switched off for it",
+                self.name,
+                free,
+                cap,
+                block_size,
+            )
+            cap = 0
+        self.tabu_cap = cap
+        self.tabu = collections.deque()
+        self.tabu_count = torch.zeros_like(self.pruned, dtype=torch.int32)
+
+    def push_tabu(self, idx: torch.Tensor) -> None:
+        """Append a block's indices to the FIFO, expiring the oldest."""
+        if not self.tabu_cap:
+            return
+        ones = torch.ones_like(idx, dtype=torch.int32)
+        self.tabu.extend(idx.tolist())
+        self.tabu_count.index_add_(0, idx, ones)  # type: ignore[union-attr]
+        expired = [self.tabu.popleft() for _ in range(len(self.tabu) - self.tabu_cap)]
+        if expired:  # an index may sit in the FIFO more than once: count them
+            gone = torch.tensor(expired, device=idx.device)
+            minus = -torch.ones_like(gone, dtype=torch.int32)
+            self.tabu_count.index_add_(0, gone, minus)  # type: ignore[union-attr]
+
+
+def resolve_layers(
+    model: nn.Module, layers: Sequence[str] | None
+) -> list[tuple[str, nn.Module]]:
+    """The modules to prune: ``layers`` by name, or every Linear/ungrouped Conv2d.
+
+    A weight shared by several modules is listed once.
+
+    Raises:
+        PruningError: For an unknown or unsupported layer, or none at all.
+    """
+    modules = dict(model.named_modules())
+    prunable = [
+        name
+        for name, m in modules.items()
+        if isinstance(m, PRUNABLE_TYPES)
+        and not (isinstance(m, nn.Conv2d) and m.groups != 1)
+    ]
+    if layers is None:
+        chosen = [(name, modules[name]) for name in prunable]
+    elif isinstance(layers, str):
+        raise PruningError(
+            f"layers must be a list of module names, got the string {layers!r}"
+        )
+    else:
+        chosen = []
+        for name in layers:
+            if name not in modules:
+                more = " ..." if len(prunable) > 20 else ""
+                raise PruningError(
+                    f"unknown layer {name!r}; prunable layers are: "
+                    f"{', '.join(prunable[:20])}{more}"
+                )
+            check_prunable(modules[name], name)
+            chosen.append((name, modules[name]))
+    seen: dict[int, str] = {}
+    unique = []
+    for name, m in chosen:
+        if id(m.weight) in seen:
+            logger.info("layer %s shares its weight with %s", name, seen[id(m.weight)])
+            continue
+        seen[id(m.weight)] = name
+        unique.append((name, m))
+    if not unique:
+        raise PruningError("the model has no Linear or Conv2d layer to prune")
+    return unique
+
+
+def keep_top(
+    scores: torch.Tensor, shape: torch.Size, density: float, grouping: str
+) -> torch.Tensor:
+    """Keep mask: the highest ``round(density * numel)`` scores, ranked per group.
+
+    ``grouping`` is ``layer``, ``output`` (per row) or ``input`` (per column).
+    """
+    numel = scores.numel()
+    kept = round(density * numel)
+    if grouping == "layer":
+        keep = torch.zeros(numel, dtype=torch.bool, device=scores.device)
+        keep[torch.argsort(scores, descending=True, stable=True)[:kept]] = True
+        return keep
+    S = scores.reshape(shape[0], -1)  # (d_out, d_in)
+    if grouping == "input":
+        S = S.T
+    groups, size = S.shape
+    counts = torch.full((groups,), kept // groups, device=S.device)
+    counts[: kept % groups] += 1  # the layer keeps exactly round(density * numel)
+    order = torch.argsort(S, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(size, device=S.device).expand(groups, size))
+    keep = ranks < counts[:, None]
+    return (keep.T if grouping == "input" else keep).reshape(-1)
+
+
+def top(
+    cand: torch.Tensor,
+    scores: torch.Tensor,
+    tabu: torch.Tensor | None,
+    count: int,
+    *,
+    largest: bool,
+) -> torch.Tensor:
+    """The ``count`` candidates with the largest (or smallest) scores.
+
+    Candidates in ``tabu`` (a bool mask over all weights) come last.
+    """
+    order = torch.argsort(scores[cand], descending=largest, stable=True)
+    if tabu is not None:
+        order = order[torch.argsort(tabu[cand][order].to(torch.uint8), stable=True)]
+    return cand[order[:count]]
+
+
+def freeze(
+    scores: torch.Tensor, keep: torch.Tensor, frac_prune: float, frac_keep: float
+) -> torch.Tensor:
+    """Frozen mask: the lowest-scoring pruned and highest-scoring kept fractions."""
+    frozen = torch.zeros_like(keep)
+    pruned_idx = torch.nonzero(~keep).squeeze(1)
+    kept_idx = torch.nonzero(keep).squeeze(1)
+    n_prune = round(frac_prune * pruned_idx.numel())
+    n_keep = round(frac_keep * kept_idx.numel())
+    frozen[top(pruned_idx, scores, None, n_prune, largest=False)] = True
+    frozen[top(kept_idx, scores, None, n_keep, largest=True)] = True
+    return frozen

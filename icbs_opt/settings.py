@@ -1,0 +1,221 @@
+"""Settings of a pruning run, without torch (the CLI reads them cheaply).
+
+:class:`PruneConfig` holds every option of the method (DESIGN.md section 1),
+:class:`RunSettings` how long a run goes and how it is scored, and a
+:class:`Preset` both: each task provides a complete one, and the command line
+replaces only the fields it is given (:meth:`Preset.replace`).
+
+Example:
+    >>> preset = Preset(PruneConfig(density=0.1), RunSettings(steps=300))
+    >>> preset.replace(block_size=64, steps=10).config.block_size
+    64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from icbs_opt.checks import check_float, check_int
+from icbs_opt.errors import PruningError
+
+#: Hessian models of DESIGN step 3.
+HESSIAN_MODELS = ("gradient_per_sample", "gradient_mean", "exact", "exact_piecewise")
+SCORE_METHODS = ("magnitude", "wanda", "gradient", "random")
+INIT_METHODS = SCORE_METHODS + tuple(
+    f"{m}{suffix}"
+    for m in ("magnitude", "wanda", "gradient")
+    for suffix in ("_per_output", "_per_input")
+)
+SELECTION_METHODS = ("random", "magnitude", "wanda", "gradient")
+SCHEDULES = ("uniform", "log")
+
+#: The paper's method settings, on top of PruneConfig's; every built-in preset uses
+#: them.
+PAPER_CLASSIFIER_SETTINGS: dict[str, Any] = {
+    "selection": "gradient",
+    "hessian": "gradient_per_sample",
+    "grad_multiplier": 0.75,
+    "ridge_multiplier": 1e-3,
+    "tabu_frac": 0.4,
+    "fix_frac_prune": 0.42,
+    "fix_frac_keep": 0.35,
+}
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of the method (DESIGN section 1), validated on construction.
+
+    Attributes:
+        density: Fraction of each pruned layer's weights kept, in (0, 1); a layer
+            keeps ``round(density * numel)`` weights.
+        block_size: ``n``, weights per block step (>= 2).
+        k: Pruned weights per block, in [1, block_size - 1]; None: block_size // 2.
+        init: Initial pruning: ``magnitude``, ``wanda``, ``gradient``, ``random``,
+            the first three also ``*_per_output`` / ``*_per_input``.
+        selection: Block selection: ``random``, ``magnitude``, ``wanda``,
+            ``gradient``.
+        hessian: ``gradient_per_sample``, ``gradient_mean``, ``exact`` or
+            ``exact_piecewise``.
+        grad_multiplier: ``lambda_g``, weight of the gradient term.
+        ridge_multiplier: ``lambda_r``, weight of ``|delta|^2``.
+        tabu_frac: Tabu list capacity as a fraction of a layer's free weights, [0, 1).
+        fix_frac_prune: Fraction of the initially pruned weights (lowest init
+            scores) frozen pruned, [0, 1].
+        fix_frac_keep: Fraction of the initially kept weights (highest init
+            scores) frozen kept, [0, 1].
+        schedule: ``uniform`` (a random layer each step) or ``log`` (epochs giving
+            each layer ``max(min_steps_per_layer, round(log10(numel)))`` steps).
+        min_steps_per_layer: Floor of the ``log`` schedule's steps per layer.
+        remove_zero_rows: Prune all-zero Q rows for free and solve the rest.
+        max_batch_size: Largest sub-batch per forward/backward (None: whole batch).
+        hessian_chunk_size: Hessian rows per pass for ``exact_piecewise``.
+        seed: Seed of every random choice (init, layer, block, solver).
+    """
+
+    density: float
+    block_size: int = 256
+    k: int | None = None
+    init: str = "magnitude"
+    selection: str = "random"
+    hessian: str = "gradient_per_sample"
+    grad_multiplier: float = 1.0
+    ridge_multiplier: float = 0.0
+    tabu_frac: float = 0.0
+    fix_frac_prune: float = 0.0
+    fix_frac_keep: float = 0.0
+    schedule: str = "uniform"
+    min_steps_per_layer: int = 1
+    remove_zero_rows: bool = False
+    max_batch_size: int | None = None
+    hessian_chunk_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        err = {"error": PruningError}
+        self.density = check_float(self.density, "density", above=0, below=1, **err)
+        self.block_size = check_int(self.block_size, "block_size", minimum=2, **err)
+        if self.k is None:
+            self.k = self.block_size // 2
+        top = self.block_size - 1
+        self.k = check_int(self.k, "k", minimum=1, maximum=top, **err)
+        for name, choices in (
+            ("init", INIT_METHODS),
+            ("selection", SELECTION_METHODS),
+            ("hessian", HESSIAN_MODELS),
+            ("schedule", SCHEDULES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise PruningError(
+                    f"{name} must be one of {', '.join(choices)}, got {value!r}"
+                )
+        for name, bounds in (
+            ("grad_multiplier", {}),
+            ("ridge_multiplier", {}),
+            ("tabu_frac", {"minimum": 0, "below": 1}),
+            ("fix_frac_prune", {"minimum": 0, "maximum": 1}),
+            ("fix_frac_keep", {"minimum": 0, "maximum": 1}),
+        ):
+            setattr(self, name, check_float(getattr(self, name), name, **bounds, **err))
+        for name in ("min_steps_per_layer", "hessian_chunk_size"):
+            setattr(self, name, check_int(getattr(self, name), name, minimum=1, **err))
+        if self.max_batch_size is not None:
+            self.max_batch_size = check_int(
+                self.max_batch_size, "max_batch_size", minimum=1, **err
+            )
+        self.seed = check_int(self.seed, "seed", minimum=0, **err)
+        if not isinstance(self.remove_zero_rows, bool):
+            raise PruningError(
+                f"remove_zero_rows must be True or False, got {self.remove_zero_rows!r}"
+            )
+
+    @property
+    def init_method(self) -> str:
+        """The scoring of ``init`` without its ``_per_*`` suffix."""
+        return self.init.split("_per_")[0]
+
+    @property
+    def init_grouping(self) -> str:
+        """``layer``, ``output`` or ``input``: where init scores are ranked."""
+        return self.init.split("_per_")[1] if "_per_" in self.init else "layer"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as a JSON-ready dictionary."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How long a run goes and how it is scored, beside the method's settings.
+
+    Attributes:
+        steps: Block steps (>= 0).
+        eval_every: Evaluate every this many steps (0: only before and after).
+        threads: Torch CPU threads (None: torch's default).
+    """
+
+    steps: int = 300
+    eval_every: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        err = {"error": PruningError}
+        object.__setattr__(
+            self, "steps", check_int(self.steps, "steps", minimum=0, **err)
+        )
+        every = check_int(self.eval_every, "eval_every", minimum=0, **err)
+        object.__setattr__(self, "eval_every", every)
+        if self.threads is not None:
+            threads = check_int(self.threads, "threads", minimum=1, **err)
+            object.__setattr__(self, "threads", threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as a JSON-ready dictionary."""
+        return dataclasses.asdict(self)
+
+
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSettings))
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PruneConfig))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A complete set of settings for a run: the method's and the run's.
+
+    Attributes:
+        config: The method's settings.
+        run: Steps, evaluation period and threads.
+    """
+
+    config: PruneConfig
+    run: RunSettings = RunSettings()
+
+    def replace(self, **changes: Any) -> Preset:
+        """A copy with the given fields of ``config`` or ``run`` replaced.
+
+        ``k`` follows a new ``block_size`` unless given too.
+
+        Raises:
+            PruningError: For an unknown field or a bad value.
+        """
+        unknown = sorted(set(changes) - set(CONFIG_FIELDS) - set(RUN_FIELDS))
+        if unknown:
+            raise PruningError(
+                f"unknown setting {unknown[0]!r}; settings are: "
+                f"{', '.join(CONFIG_FIELDS + RUN_FIELDS)}"
+            )
+        config = {k: v for k, v in changes.items() if k in CONFIG_FIELDS}
+        if "block_size" in config and "k" not in config:
+            config["k"] = None
+        run = {k: v for k, v in changes.items() if k in RUN_FIELDS}
+        return Preset(
+            dataclasses.replace(self.config, **config),
+            dataclasses.replace(self.run, **run),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"config": {...}, "run": {...}}``, JSON-ready."""
+        return {"config": self.config.to_dict(), "run": self.run.to_dict()}
