@@ -1,16 +1,15 @@
-"""Realistic iCBS block problems from a small MLP trained on scikit-learn's digits.
+"""Realistic iCBS block problems, built by the real pruner on the digits-mlp task.
 
-``digits_blocks(sizes, seed)`` trains a 64-256-128-10 MLP (seeded, about a second on
-two cores), prunes its first layer (16384 weights) to density 0.5 by magnitude, and
-for each requested n builds the block QUBO of DESIGN.md section 1: a random block of
-k = n // 2 currently pruned and n - k currently kept weights, the block gradient g and
-the empirical Fisher ``H = G^T G / N`` from per-sample gradients on a batch, and
-
-    Q = 1/2 W0 H W0 + diag(W0 H dw) - lambda_g diag(W0 g)
-        + lambda_r diag(w0 * (2 dw + w0))
-
-with lambda_g = 0.75 and lambda_r = 1e-3, returned as ``BlockProblem(Q, k).scaled()``.
-Nothing is cached on disk. Other benchmark scripts import this module::
+``digits_blocks(sizes, seed)`` loads the built-in ``digits-mlp`` task (its trained,
+cached 64-256-256-10 MLP), and for each requested n runs one real
+``icbs_opt.pruning.Pruner`` step on a copy of the dense model: layer ``"0"``
+(64 x 256 = 16384 weights) pruned to density 0.5 by magnitude, a random block of
+``k = n // 2`` pruned and ``n - k`` kept weights, the empirical Fisher on one task
+batch, ``grad_multiplier`` 0.75 and ``ridge_multiplier`` 1e-3 (the paper's runs).
+The pruner's ``problem_hook`` captures the block problem the step builds (the QUBO
+of DESIGN.md section 1, computed by ``icbs_opt.pruning``, not here), which is
+returned scaled by ``1 / mean(|Q_ij|)`` as the solvers see it. Nothing is cached
+here (the task caches its trained model). Other benchmark scripts import this::
 
     from blocks import digits_blocks            # with benchmarks/ on sys.path
     problems = digits_blocks([16, 256], seed=0)
@@ -21,132 +20,55 @@ Run it directly to print a summary of the blocks.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import logging
-import time
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from sklearn.datasets import load_digits
 
 from icbs_opt.problems import BlockProblem
+from icbs_opt.pruning import Pruner
+from icbs_opt.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-HIDDEN = (256, 128)
-#: Prunable weights of the first layer, the largest block size available.
-LAYER_SIZE = 64 * HIDDEN[0]
+#: The layer the blocks come from: the first Linear, 64 x 256 = 16384 weights.
+LAYER = "0"
 
 
-@functools.lru_cache(maxsize=4)
-def _trained_mlp(seed: int, epochs: int = 30) -> tuple[torch.nn.Sequential, tuple]:
-    """Train the MLP on the digits training split; memoised in-process only."""
-    digits = load_digits()
-    X = torch.tensor(digits.data / 16.0, dtype=torch.float32)  # (1797, 64)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(X), generator=gen)
-    train = perm[:1437]
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, HIDDEN[0]),
-        torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN[0], HIDDEN[1]),
-        torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN[1], 10),
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend
-    try:
-        for _ in range(epochs):
-            order = train[torch.randperm(len(train), generator=gen)]
-            for batch in order.split(128):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    with torch.no_grad():
-        test = perm[1437:]
-        acc = (model(X[test]).argmax(1) == y[test]).float().mean().item()
-    log.info(
-        "trained digits MLP (seed %d): test accuracy %.3f in %.1f s",
-        seed,
-        acc,
-        time.perf_counter() - start,
-    )
-    return model, (X[train], y[train])
+@functools.lru_cache(maxsize=2)
+def _digits_task(batch_size: int) -> Task:
+    """The digits-mlp task (its dense model is copied, never pruned in place)."""
+    return get_task("digits-mlp", batch_size=batch_size)
 
 
 def _block_problem(
-    model: torch.nn.Sequential,
-    data: tuple[torch.Tensor, torch.Tensor],
-    n: int,
-    rng: np.random.Generator,
-    *,
-    density: float,
-    batch_size: int,
-    grad_multiplier: float,
-    ridge_multiplier: float,
+    task: Task, n: int, block_seed: int, density: float, **step_options: float
 ) -> BlockProblem:
-    layer = model[0]
-    w0 = layer.weight.detach().double().flatten()  # (numel,) dense weights
-    numel = w0.numel()
-    keep = round(density * numel)
-    order = torch.argsort(w0.abs(), descending=True)
-    pruned = torch.ones(numel, dtype=torch.bool)
-    pruned[order[:keep]] = False  # magnitude pruning: keep the largest |w0|
-    k = n // 2
-    pruned_idx = torch.nonzero(pruned).flatten().numpy()
-    kept_idx = torch.nonzero(~pruned).flatten().numpy()
-    block = np.concatenate(
-        [
-            rng.choice(pruned_idx, k, replace=False),
-            rng.choice(kept_idx, n - k, replace=False),
-        ]
+    """One Pruner step on a copy of the dense model; the problem it builds."""
+    captured: list[BlockProblem] = []
+    pruner = Pruner(
+        copy.deepcopy(task.model),
+        task.loss_fn,
+        density=density,
+        backend="native",  # the step solves the block too; one restart is enough
+        backend_options={"num_restarts": 1},
+        layers=[LAYER],
+        calibration=task.calibration,
+        problem_hook=captured.append,
+        init="magnitude",
+        selection="random",
+        block_size=n,
+        seed=block_seed,
+        **step_options,
     )
-    block_t = torch.from_numpy(block)
-
-    X, y = data
-    rows = torch.from_numpy(rng.choice(len(X), min(batch_size, len(X)), replace=False))
-    Xb, yb = X[rows].double(), y[rows]
-    w = (w0 * (~pruned)).reshape(layer.weight.shape)  # current (pruned) weights
-    with torch.enable_grad():
-        z1 = Xb @ w.T + layer.bias.detach().double()  # (N, 256) first-layer outputs
-        z1.requires_grad_(True)
-        h = z1
-        for m in model[1:]:
-            if isinstance(m, torch.nn.Linear):
-                h = torch.nn.functional.linear(
-                    h, m.weight.detach().double(), m.bias.detach().double()
-                )
-            else:
-                h = m(h)
-        loss = torch.nn.functional.cross_entropy(h, yb, reduction="sum")
-        (dz,) = torch.autograd.grad(loss, z1)  # (N, 256) per-sample dl_s/dz1_s
-    out_row, in_col = block_t // 64, block_t % 64
-    G = dz[:, out_row] * Xb[:, in_col]  # (N, n) per-sample gradients of the block
-    N = G.shape[0]
-    g = G.mean(0)  # (n,) gradient of the mean loss
-    H = G.T @ G / N  # (n, n) empirical Fisher
-
-    w0b = w0[block_t]
-    dw = -w0b * pruned[block_t]  # w_B - w0_B
-    Q = 0.5 * w0b[:, None] * H * w0b[None, :]
-    diag = (
-        w0b * (H @ dw)
-        - grad_multiplier * w0b * g
-        + ridge_multiplier * w0b * (2 * dw + w0b)
-    )
-    Q += torch.diag(diag)
-    problem = BlockProblem(
-        Q.numpy(), k, meta={"source": "digits", "layer": 0, "n": n, "batch": N}
-    )
+    X, y = next(task.batches(block_seed))
+    pruner.step(X, y, layer=LAYER)
+    (problem,) = captured
     scaled, scale = problem.scaled()
-    return BlockProblem(scaled.Q, k, meta={**scaled.meta, "scale": scale})
+    meta = {"source": "digits", "layer": LAYER, "n": n, "batch": len(X)}
+    return BlockProblem(scaled.Q, scaled.k, meta={**meta, "scale": scale})
 
 
 def digits_blocks(
@@ -166,11 +88,11 @@ def digits_blocks(
             most twice the smaller of the pruned and kept sets. A size given
             again yields another block; each block depends only on ``seed``, n
             and how often n came before in ``sizes``.
-        seed: Seeds the training, the batch and the block choice.
+        seed: Seeds the batch and the block choice (the model is the task's).
         density: Fraction of the layer's weights kept by magnitude pruning.
-        batch_size: Samples N in the per-sample gradient batch.
-        grad_multiplier: ``lambda_g`` of the Q formula.
-        ridge_multiplier: ``lambda_r`` of the Q formula.
+        batch_size: Samples N of the batch (per-sample gradients, Fisher).
+        grad_multiplier: The pruner's ``grad_multiplier`` (``lambda_g``).
+        ridge_multiplier: The pruner's ``ridge_multiplier`` (``lambda_r``).
 
     Returns:
         ``BlockProblem``s scaled by ``1 / mean(|Q_ij|)``; ``meta["scale"]`` holds
@@ -180,10 +102,10 @@ def digits_blocks(
         TypeError: If a size is not an integer.
         ValueError: If a size is out of range.
     """
-    model, data = _trained_mlp(seed)
-    limit = 2 * min(
-        round(density * LAYER_SIZE), LAYER_SIZE - round(density * LAYER_SIZE)
-    )
+    task = _digits_task(batch_size)
+    numel = dict(task.model.named_modules())[LAYER].weight.numel()
+    keep = round(density * numel)
+    limit = 2 * min(keep, numel - keep)
     problems = []
     seen: dict[int, int] = {}
     for n in sizes:
@@ -192,15 +114,13 @@ def digits_blocks(
         if not 2 <= n <= limit:
             raise ValueError(f"block size n must be in 2..{limit}, got {n}")
         seen[n] = seen.get(n, -1) + 1  # a repeated size gets a different block
-        rng = np.random.default_rng([seed, n, seen[n]])
+        state = np.random.SeedSequence([seed, int(n), seen[n]]).generate_state(1)
         problems.append(
             _block_problem(
-                model,
-                data,
-                n,
-                rng,
-                density=density,
-                batch_size=batch_size,
+                task,
+                int(n),
+                int(state[0]),
+                density,
                 grad_multiplier=grad_multiplier,
                 ridge_multiplier=ridge_multiplier,
             )

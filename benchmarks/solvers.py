@@ -9,10 +9,13 @@ tables for ``docs/benchmarks.md``:
    sizes get several blocks (``--small-blocks``).
 2. Equal total sweeps: neal gets as many sweeps, over all its reads and penalty
    strengths, as native used (its restarts stop early), and then as many as
-   native's whole schedule budget (restarts x betas x sweeps per beta). A sweep is
-   n proposals for both: swaps for native, single flips for neal.
+   native's whole schedule budget (restarts x betas x sweeps per beta). Sweeps
+   are counted in n proposals for both: swaps for native (whose own sweeps are
+   ``max(n, MIN_SWEEP_SIZE)`` proposals), single flips for neal.
 3. Native timing: median and best wall seconds over ``--repeats`` seeds for the
-   auto (default) and fixed reference schedules, on 1 and on all threads, and for
+   auto (default) schedule, the auto schedule with the constants it had before
+   issue 14 (``OLD_AUTO``: mean uphill acceptance 0.1 at beta_min, sweeps of n
+   proposals) and the fixed reference schedule, on 1 and on all threads, and for
    one thread the median CPU seconds of that thread: on a shared machine they show
    the cost without the other jobs' interference.
 
@@ -25,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -38,9 +42,32 @@ from blocks import digits_blocks  # noqa: E402
 
 from icbs_opt import _native  # noqa: E402
 from icbs_opt.backends import Solution, get_backend  # noqa: E402
+from icbs_opt.backends import native as native_module  # noqa: E402
 from icbs_opt.problems import BlockProblem  # noqa: E402
 
 EXHAUSTIVE_MAX_N = 20
+
+#: The auto schedule's constants before issue 14, to time the old default.
+OLD_AUTO = {"AUTO_ACCEPT": 0.1, "MIN_SWEEP_SIZE": 1}
+#: Timed schedules: label, backend options, native module constants to set.
+SCHEDULES = (
+    ("auto", {"schedule": "auto"}, {}),
+    ("auto (old)", {"schedule": "auto"}, OLD_AUTO),
+    ("fixed", {"schedule": "fixed"}, {}),
+)
+
+
+@contextlib.contextmanager
+def _constants(values: dict[str, float]):
+    """Set schedule constants of ``icbs_opt.backends.native`` for a while."""
+    saved = {name: getattr(native_module, name) for name in values}
+    for name, value in values.items():
+        setattr(native_module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(native_module, name, value)
 
 
 def _machine() -> str:
@@ -127,10 +154,15 @@ def equal_sweeps_table(
             continue
         nat = get_backend("native").solve(p, seed=seed)
         info = nat.info
-        budget = (
-            len(info["restart_sweeps"]) * info["num_betas"] * info["sweeps_per_beta"]
+        # In sweeps of n proposals: native's sweeps are max(n, MIN_SWEEP_SIZE).
+        size = info["sweep_size"] / p.n
+        budget = round(
+            size
+            * len(info["restart_sweeps"])
+            * info["num_betas"]
+            * info["sweeps_per_beta"]
         )
-        used = sum(info["restart_sweeps"])
+        used = round(size * sum(info["restart_sweeps"]))
         row = [str(p.n), f"{used} / {budget}", f"{nat.energy:.4f}"]
         for total in (used, budget):
             neal, sweeps = _neal_within(p, total, seed)
@@ -153,17 +185,18 @@ def timing_table(problems: list[BlockProblem], repeats: int, seed: int) -> None:
     for p in problems:
         if p.n < 256:
             continue
-        for schedule in ("auto", "fixed"):
+        for label, options, constants in SCHEDULES:
             for threads in sorted({1, threads_all}):
-                backend = get_backend("native", schedule=schedule, num_threads=threads)
+                backend = get_backend("native", **options, num_threads=threads)
                 sols, cpu = [], []
                 for r in range(repeats):
                     # One thread runs in the caller's thread: its CPU time is the
                     # cost without other jobs' interference (process time would
                     # also count idle torch/OpenMP pool threads spinning).
-                    start = time.thread_time()
-                    sols.append(backend.solve(p, seed=seed + r))
-                    cpu.append(time.thread_time() - start)
+                    with _constants(constants):
+                        start = time.thread_time()
+                        sols.append(backend.solve(p, seed=seed + r))
+                        cpu.append(time.thread_time() - start)
                 secs = [s.seconds for s in sols]
                 sweeps = statistics.mean(
                     statistics.mean(s.info["restart_sweeps"]) for s in sols
@@ -172,7 +205,7 @@ def timing_table(problems: list[BlockProblem], repeats: int, seed: int) -> None:
                     statistics.mean(s.info["restart_accepted"]) for s in sols
                 )
                 print(
-                    f"| {p.n} | {schedule} | {threads} | {statistics.median(secs):.4f} "
+                    f"| {p.n} | {label} | {threads} | {statistics.median(secs):.4f} "
                     f"| {min(secs):.4f} | "
                     f"{f'{statistics.median(cpu):.4f}' if threads == 1 else '-'} | "
                     f"{max(s.energy for s in sols):.4f} | "

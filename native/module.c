@@ -46,27 +46,31 @@ static PyObject *new_vector(npy_intp len, int type) {
 
 PyDoc_STRVAR(solve_doc,
              "solve(Q, k, x0, *, seed, num_restarts, beta_min, beta_max, beta_factor,\n"
-             "      sweeps_per_beta, num_threads, auto_schedule) -> (x, info)\n\n"
+             "      sweeps_per_beta, sweep_size, num_threads, auto_schedule,\n"
+             "      auto_samples, auto_accept, auto_range) -> (x, info)\n\n"
              "Anneal min x^T Q x subject to sum(x) = k with swap moves. Q: square\n"
              "C-contiguous float64 (symmetric); x0: None or int8 vector with k ones.\n"
              "Returns the int8 answer and a dict of run details. Use the Python\n"
              "backend icbs_opt.backends.native instead: it validates the inputs.");
 
 static PyObject *py_solve(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"Q",           "k",           "x0",
-                               "seed",        "num_restarts", "beta_min",
-                               "beta_max",    "beta_factor", "sweeps_per_beta",
-                               "num_threads", "auto_schedule", NULL};
+    static char *keywords[] = {
+        "Q",           "k",           "x0",           "seed",           "num_restarts",
+        "beta_min",    "beta_max",    "beta_factor",  "sweeps_per_beta", "sweep_size",
+        "num_threads", "auto_schedule", "auto_samples", "auto_accept",   "auto_range",
+        NULL};
     PyObject *q_obj, *x0_obj;
-    long long k, num_restarts, sweeps_per_beta;
+    long long k, num_restarts, sweeps_per_beta, sweep_size, auto_samples;
     unsigned long long seed;
-    double beta_min, beta_max, beta_factor;
+    double beta_min, beta_max, beta_factor, auto_accept, auto_range;
     int num_threads, auto_schedule;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLO$KLdddLip", keywords, &q_obj,
-                                     &k, &x0_obj, &seed, &num_restarts, &beta_min,
-                                     &beta_max, &beta_factor, &sweeps_per_beta,
-                                     &num_threads, &auto_schedule))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLO$KLdddLLipLdd", keywords,
+                                     &q_obj, &k, &x0_obj, &seed, &num_restarts,
+                                     &beta_min, &beta_max, &beta_factor,
+                                     &sweeps_per_beta, &sweep_size, &num_threads,
+                                     &auto_schedule, &auto_samples, &auto_accept,
+                                     &auto_range))
         return NULL;
     npy_intp n;
     PyArrayObject *q = square_matrix(q_obj, &n);
@@ -95,10 +99,18 @@ static PyObject *py_solve(PyObject *self, PyObject *args, PyObject *kwargs) {
     icbs_sa_result res = {0};
     res.best_restart = -1;
     if (n > 0) {
-        icbs_sa_params params = {beta_min,        beta_max,
-                                 beta_factor,     (int64_t)sweeps_per_beta,
-                                 (int64_t)num_restarts, num_threads,
-                                 auto_schedule,   (uint64_t)seed};
+        const icbs_sa_params params = {.beta_min = beta_min,
+                                       .beta_max = beta_max,
+                                       .beta_factor = beta_factor,
+                                       .sweeps_per_beta = (int64_t)sweeps_per_beta,
+                                       .num_restarts = (int64_t)num_restarts,
+                                       .sweep_size = (int64_t)sweep_size,
+                                       .num_threads = num_threads,
+                                       .auto_schedule = auto_schedule,
+                                       .auto_samples = (int64_t)auto_samples,
+                                       .auto_accept = auto_accept,
+                                       .auto_range = auto_range,
+                                       .seed = (uint64_t)seed};
         res.restart_energies = (double *)PyArray_DATA((PyArrayObject *)energies);
         res.restart_sweeps = (int64_t *)PyArray_DATA((PyArrayObject *)sweeps);
         res.restart_accepted = (int64_t *)PyArray_DATA((PyArrayObject *)accepted);

@@ -81,17 +81,6 @@ static inline double rng_uniform(rng_t *g) {
 /* The finishing descent ignores changes below this times the largest field term. */
 #define DESCENT_TOL 1e-12
 
-/* Auto schedule: sampled swaps, mean uphill acceptance at beta_min, beta_max / beta_min. */
-#ifndef AUTO_SAMPLES
-#define AUTO_SAMPLES 2048
-#endif
-#ifndef AUTO_HOT
-#define AUTO_HOT 0.1
-#endif
-#ifndef AUTO_RANGE
-#define AUTO_RANGE 1e3
-#endif
-
 /* The hot loops get an AVX2 clone where GCC can dispatch at load time (glibc
  * ifunc). The clones compute the same results: no reassociation, no FMA. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -239,6 +228,7 @@ typedef struct {
     const int8_t *x0;
     double beta_min, beta_factor;
     int64_t num_betas, sweeps_per_beta;
+    int64_t sweep_size; /* proposals per sweep */
     uint64_t seed;
 } problem_t;
 
@@ -342,7 +332,7 @@ static double run_restart(const problem_t *p, work_t *w, int64_t r, int64_t *swe
             const double beta = p->beta_min * pow(p->beta_factor, (double)t);
             int64_t changed = 0;
             for (int64_t s = 0; s < p->sweeps_per_beta; s++, done++) {
-                for (int64_t m = 0; m < n; m++) {
+                for (int64_t m = 0; m < p->sweep_size; m++) {
                     const uint32_t a = ahead_a[slot], b = ahead_b[slot];
                     const uint32_t na = rng_below(&g, (uint32_t)k);
                     const uint32_t nb = rng_below(&g, (uint32_t)nz);
@@ -412,16 +402,20 @@ static double beta_for_acceptance(const double *d, int64_t m, double target) {
 }
 
 int icbs_sa_auto_betas(const double *Q, int64_t n, int64_t k, const int8_t *x0,
-                       uint64_t seed, double *beta_min, double *beta_max) {
-    if (!Q || !beta_min || !beta_max || n < 1 || n > INT32_MAX || k < 0 || k > n)
+                       const icbs_sa_params *params, double *beta_min,
+                       double *beta_max) {
+    if (!Q || !params || !beta_min || !beta_max || n < 1 || n > INT32_MAX || k < 0 ||
+        k > n || params->auto_samples < 1 || !(params->auto_accept > 0.0) ||
+        !(params->auto_accept < 1.0) || !(params->auto_range >= 1.0) ||
+        !isfinite(params->auto_range))
         return ICBS_SA_EINVAL;
-    *beta_min = 1e-3;
-    *beta_max = 100.0;
+    *beta_min = params->beta_min;
+    *beta_max = params->beta_max;
     const int64_t nz = n - k;
     if (k == 0 || nz == 0) return ICBS_SA_OK;
-    /* Every pair when there are few, else AUTO_SAMPLES random ones. */
-    const int all = (double)k * (double)nz <= (double)AUTO_SAMPLES;
-    const int64_t m = all ? k * nz : AUTO_SAMPLES;
+    /* Every pair when there are few, else auto_samples random ones. */
+    const int all = (double)k * (double)nz <= (double)params->auto_samples;
+    const int64_t m = all ? k * nz : params->auto_samples;
     int32_t *idx = malloc((size_t)n * sizeof(int32_t));
     double *f = malloc((size_t)n * sizeof(double));
     double *d = malloc((size_t)m * sizeof(double));
@@ -432,7 +426,7 @@ int icbs_sa_auto_betas(const double *Q, int64_t n, int64_t k, const int8_t *x0,
         return ICBS_SA_ENOMEM;
     }
     rng_t g;
-    rng_seed(&g, seed, AUTO_STREAM);
+    rng_seed(&g, params->seed, AUTO_STREAM);
     init_state(idx, n, k, x0, &g);
     compute_field(Q, n, idx, k, f);
     int64_t up = 0;
@@ -444,8 +438,8 @@ int icbs_sa_auto_betas(const double *Q, int64_t n, int64_t k, const int8_t *x0,
         if (delta > 0.0) d[up++] = delta;
     }
     if (up > 0) {
-        *beta_min = beta_for_acceptance(d, up, AUTO_HOT);
-        *beta_max = AUTO_RANGE * *beta_min;
+        *beta_min = beta_for_acceptance(d, up, params->auto_accept);
+        *beta_max = params->auto_range * *beta_min;
     }
     free(idx);
     free(f);
@@ -531,7 +525,8 @@ static void run_restarts(const problem_t *p, shared_t *sh, int in_team) {
 int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
                   const icbs_sa_params *params, int8_t *x_out, icbs_sa_result *result) {
     if (!Q || !params || !x_out || !result || n < 1 || n > INT32_MAX || k < 0 ||
-        k > n || params->num_restarts < 1 || params->sweeps_per_beta < 1)
+        k > n || params->num_restarts < 1 || params->sweeps_per_beta < 1 ||
+        params->sweep_size < 1)
         return ICBS_SA_EINVAL;
     if (x0) {
         int64_t ones = 0;
@@ -543,7 +538,7 @@ int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
     }
     double beta_min = params->beta_min, beta_max = params->beta_max;
     if (params->auto_schedule) {
-        int rc = icbs_sa_auto_betas(Q, n, k, x0, params->seed, &beta_min, &beta_max);
+        int rc = icbs_sa_auto_betas(Q, n, k, x0, params, &beta_min, &beta_max);
         if (rc != ICBS_SA_OK) return rc;
     }
     const double factor = params->beta_factor;
@@ -586,8 +581,17 @@ int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
         return ICBS_SA_OK;
     }
 
-    const problem_t p = {Q,      diag,   n,         k, x0, beta_min,
-                         factor, num_betas, params->sweeps_per_beta, params->seed};
+    const problem_t p = {.Q = Q,
+                         .diag = diag,
+                         .n = n,
+                         .k = k,
+                         .x0 = x0,
+                         .beta_min = beta_min,
+                         .beta_factor = factor,
+                         .num_betas = num_betas,
+                         .sweeps_per_beta = params->sweeps_per_beta,
+                         .sweep_size = params->sweep_size,
+                         .seed = params->seed};
     int threads = 1;
 #ifdef _OPENMP
     threads = params->num_threads > 0 ? params->num_threads : omp_get_max_threads();

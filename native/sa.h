@@ -16,9 +16,10 @@
  * two bounded random numbers.
  *
  * Schedule: inverse temperatures beta_min * beta_factor^t, t = 0, 1, ..., up to
- * beta_max; sweeps_per_beta sweeps at each. A sweep is n proposed swaps
+ * beta_max; sweeps_per_beta sweeps at each. A sweep is sweep_size proposed swaps
  * (Metropolis: accepted if the change d <= 0, else with probability exp(-beta d)).
  * A temperature at which no energy-changing swap is accepted ends the restart.
+ * With auto_schedule, icbs_sa_auto_betas derives beta_min and beta_max from Q.
  *
  * Each restart then goes back to the best state it visited and finishes with a
  * descent: for each one i in turn, the best swap with a zero if it lowers the
@@ -29,6 +30,11 @@
  * seeded from (seed, r) by splitmix64, so the result does not depend on how many
  * threads run them (OpenMP when compiled with it, else one after another). The
  * best restart has the lowest energy, ties going to the lower restart index.
+ *
+ * The core owns no schedule policy: every number of the schedule (the range, the
+ * sweep size, the auto schedule's sample size, acceptance and range) comes from
+ * the caller in icbs_sa_params. icbs-opt's defaults are the constants at the top
+ * of icbs_opt/backends/native.py.
  */
 #ifndef ICBS_SA_H
 #define ICBS_SA_H
@@ -45,13 +51,17 @@ extern "C" {
 #define ICBS_SA_ENOMEM 2 /* an allocation failed */
 
 typedef struct {
-    double beta_min;         /* > 0; replaced by the auto range when auto_schedule */
-    double beta_max;         /* >= beta_min; likewise */
+    double beta_min;         /* > 0: first inverse temperature (auto: the fallback) */
+    double beta_max;         /* >= beta_min: last one (auto: the fallback) */
     double beta_factor;      /* > 1 */
     int64_t sweeps_per_beta; /* >= 1 */
+    int64_t sweep_size;      /* >= 1: proposals per sweep (n in the reference) */
     int64_t num_restarts;    /* >= 1 */
     int num_threads;         /* 0: the OpenMP default; ignored without OpenMP */
     int auto_schedule;       /* nonzero: icbs_sa_auto_betas picks the range */
+    int64_t auto_samples;    /* >= 1: swaps the auto schedule samples */
+    double auto_accept;      /* in (0, 1): mean uphill acceptance at beta_min */
+    double auto_range;       /* >= 1: beta_max / beta_min of the auto schedule */
     uint64_t seed;
 } icbs_sa_params;
 
@@ -81,19 +91,22 @@ int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
                   const icbs_sa_params *params, int8_t *x_out, icbs_sa_result *result);
 
 /*
- * The "auto" schedule's beta range, from Q's scale as the moves see it: at the
- * start state (x0, or a random feasible state drawn from the seed) take the energy
- * changes of 2048 random swaps (every swap when there are fewer pairs), and set
+ * The auto schedule's beta range, from Q's scale as the moves see it: at the start
+ * state (x0, or a random feasible state drawn from params->seed) take the energy
+ * changes of params->auto_samples random swaps (every swap when there are fewer
+ * pairs), and set
  *
  *     beta_min  where the mean Metropolis acceptance exp(-beta d) over the uphill
- *               changes d > 0 is 0.1,
- *     beta_max = 1000 * beta_min.
+ *               changes d > 0 is params->auto_accept,
+ *     beta_max = params->auto_range * beta_min.
  *
  * Writes both and returns ICBS_SA_OK, or an error code. When no sampled swap is
- * uphill (k = 0, k = n, Q = 0, ...), the fixed range 1e-3 .. 100 is returned.
+ * uphill (k = 0, k = n, Q = 0, ...), params->beta_min and params->beta_max are
+ * returned unchanged.
  */
 int icbs_sa_auto_betas(const double *Q, int64_t n, int64_t k, const int8_t *x0,
-                       uint64_t seed, double *beta_min, double *beta_max);
+                       const icbs_sa_params *params, double *beta_min,
+                       double *beta_max);
 
 #ifdef __cplusplus
 }

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from icbs_opt.backends import get_backend
+from icbs_opt.backends import native as native_module
+from icbs_opt.cli import main
 from icbs_opt.errors import BackendError, ProblemError
 from icbs_opt.problems import BlockProblem, random_problem
 
@@ -25,6 +27,23 @@ def native(**options):
 
 def exhaustive_energy(problem):
     return get_backend("exhaustive").solve(problem).energy
+
+
+#: The binding's keyword arguments for a short run (tests of the binding itself).
+BINDING_ARGS = dict(
+    seed=0,
+    num_restarts=1,
+    beta_min=1.0,
+    beta_max=2.0,
+    beta_factor=1.1,
+    sweeps_per_beta=1,
+    sweep_size=4,
+    num_threads=1,
+    auto_schedule=False,
+    auto_samples=16,
+    auto_accept=0.5,
+    auto_range=10.0,
+)
 
 
 # ------------------------------------------------------------------ C core
@@ -57,6 +76,41 @@ def test_exact_optimum_against_exhaustive(n, seed):
         sol = native().solve(problem, seed=seed)
         assert sol.feasible
         assert sol.energy == pytest.approx(exhaustive_energy(problem), abs=1e-9)
+
+
+def small_random_problems(seeds=range(5), max_n=14):
+    """Normal and uniform random Q, every n <= max_n and every k: 1190 problems."""
+    for seed in seeds:
+        for dist in ("normal", "uniform"):
+            for n in range(1, max_n + 1):
+                rng = np.random.default_rng([seed, n, dist == "normal"])
+                if dist == "normal":
+                    Q = rng.standard_normal((n, n))
+                else:
+                    Q = rng.uniform(-1.0, 1.0, (n, n))
+                for k in range(n + 1):
+                    yield BlockProblem(Q, k, meta={"dist": dist, "seed": seed})
+
+
+def test_default_schedule_exact_on_small_random_problems():
+    backend, exhaustive = native(), get_backend("exhaustive")
+    misses, total = [], 0
+    for problem in small_random_problems():
+        total += 1
+        sol = backend.solve(problem, seed=total)
+        best = exhaustive.solve(problem).energy
+        if sol.energy > best + 1e-9 * max(1.0, abs(best)):
+            misses.append((problem.meta["dist"], problem.meta["seed"], problem.n))
+    assert total >= 1000
+    assert misses == []
+
+
+def test_readme_example_is_exact():
+    # The old auto schedule (mean uphill acceptance 0.1, sweeps of n) found -7.574.
+    problem = BlockProblem(np.random.default_rng(0).standard_normal((12, 12)), 5)
+    sol = native().solve(problem, seed=0)
+    assert sol.energy == pytest.approx(exhaustive_energy(problem), abs=1e-12)
+    assert sol.energy == pytest.approx(-9.011, abs=1e-3)
 
 
 @pytest.mark.parametrize(("n", "k"), [(2, 1), (3, 2), (50, 7), (300, 150), (300, 299)])
@@ -156,19 +210,8 @@ def test_n_16384_smoke_with_short_schedule():
     Q = np.zeros((n, n))
     diag = np.random.default_rng(0).permutation(n).astype(np.float64)
     Q[np.diag_indices(n)] = diag
-    x, info = _native.solve(
-        Q,
-        k,
-        None,
-        seed=1,
-        num_restarts=1,
-        beta_min=1.0,
-        beta_max=1.0,
-        beta_factor=1.1,
-        sweeps_per_beta=1,
-        num_threads=0,
-        auto_schedule=False,
-    )
+    args = {**BINDING_ARGS, "seed": 1, "beta_max": 1.0, "sweep_size": n}
+    x, info = _native.solve(Q, k, None, **{**args, "num_threads": 0})
     assert x.dtype == np.int8 and int(x.sum()) == k
     assert set(np.flatnonzero(x)) == set(np.argsort(diag)[:k])
     assert info["num_betas"] == 1
@@ -180,12 +223,54 @@ def test_info_auto_schedule():
     problem = random_problem(100, seed=3)
     info = native(num_restarts=3).solve(problem, seed=0).info
     assert info["schedule"] == "auto"
-    assert info["beta_max"] == pytest.approx(1000 * info["beta_min"])
-    assert info["num_betas"] == 73  # floor(log(1000) / log(1.1)) + 1
+    assert info["beta_max"] == pytest.approx(
+        native_module.AUTO_RANGE * info["beta_min"]
+    )
+    steps = np.log(native_module.AUTO_RANGE) / np.log(1.1)
+    assert info["num_betas"] == int(np.floor(steps + 1e-9)) + 1
     assert info["sweep_size"] == 100
     assert len(info["restart_energies"]) == len(info["restart_sweeps"]) == 3
     assert all(1 <= s <= info["num_betas"] for s in info["restart_sweeps"])
     assert info["openmp"] == bool(_native.openmp)
+
+
+def test_sweeps_of_small_problems_have_min_sweep_size_proposals():
+    problem = random_problem(10, seed=3)
+    info = native(num_restarts=2).solve(problem, seed=0).info
+    assert info["sweep_size"] == native_module.MIN_SWEEP_SIZE
+
+
+def test_auto_schedule_hits_its_acceptance_target():
+    # Every swap of the start state is sampled (k (n - k) = 25 <= AUTO_SAMPLES), so
+    # the mean uphill acceptance at beta_min can be recomputed exactly.
+    problem = random_problem(10, 5, seed=4)
+    x0 = problem.random_feasible(seed=0)
+    info = native(num_restarts=1).solve(problem, seed=0, x0=x0).info
+    ones, zeros = np.flatnonzero(x0), np.flatnonzero(x0 == 0)
+    Q, f = problem.Q, problem.Q @ x0
+    d = [
+        Q[i, i] - 2 * f[i] + Q[j, j] + 2 * f[j] - 2 * Q[i, j]
+        for i in ones
+        for j in zeros
+    ]
+    up = np.array([v for v in d if v > 0])
+    acceptance = np.exp(-info["beta_min"] * up).mean()
+    assert acceptance == pytest.approx(native_module.AUTO_ACCEPT, rel=1e-4)
+
+
+def test_docs_quote_the_schedule_constants():
+    # docs/backends.md states each constant's value: they are owned by the wrapper.
+    doc = (REPO / "docs/backends.md").read_text()
+    for name in (
+        "FIXED_BETA_MIN",
+        "FIXED_BETA_MAX",
+        "AUTO_SAMPLES",
+        "AUTO_ACCEPT",
+        "AUTO_RANGE",
+        "MIN_SWEEP_SIZE",
+        "MIN_BETA_FACTOR",
+    ):
+        assert f"| `{name}` | {getattr(native_module, name):g} |" in doc, name
 
 
 def test_auto_schedule_follows_q_scale():
@@ -198,7 +283,10 @@ def test_auto_schedule_follows_q_scale():
 
 def test_info_fixed_schedule_defaults_to_reference():
     info = native(schedule="fixed").solve(random_problem(30, seed=0), seed=0).info
-    assert (info["beta_min"], info["beta_max"]) == (1e-3, 100.0)
+    assert (info["beta_min"], info["beta_max"]) == (
+        native_module.FIXED_BETA_MIN,
+        native_module.FIXED_BETA_MAX,
+    )
     assert info["num_betas"] == 121  # 1e-3 * 1.1**120 <= 100 < 1e-3 * 1.1**121
     sweeps = native(schedule="fixed", sweeps_per_beta=3).solve(
         random_problem(30, seed=0), seed=0
@@ -256,22 +344,48 @@ def test_forked_child_solves_after_parent_used_threads():
     [
         (
             {"num_restarts": 0},
-            "option 'num_restarts' of backend 'native' got 0: expected an integer >= 1",
+            "option 'num_restarts' of backend 'native' got 0: num_restarts must be "
+            "an integer >= 1, got 0",
         ),
         ({"num_restarts": 2.5}, "'num_restarts'.*got 2.5"),
+        (
+            {"num_restarts": 10**23},
+            "num_restarts must be an integer <= 9223372036854775807, "
+            "got 100000000000000000000000",
+        ),
+        ({"num_restarts": 1e23}, "num_restarts must be an integer >= 1, got 1e\\+23"),
+        (
+            {"num_restarts": None},
+            "option 'num_restarts' of backend 'native' got None: num_restarts must "
+            "be an integer >= 1, got None",
+        ),
         (
             {"schedule": "hot"},
             "option 'schedule'.*got 'hot': expected one of 'auto', 'fixed'",
         ),
+        ({"schedule": None}, "option 'schedule'.*got None: expected one of"),
         (
             {"schedule": "fixed", "beta_min": 0},
-            "'beta_min'.*got 0: expected a finite number > 0",
+            "'beta_min'.*beta_min must be a finite number > 0, got 0",
         ),
         ({"schedule": "fixed", "beta_max": float("inf")}, "'beta_max'.*got inf"),
-        ({"beta_factor": 1.0}, "'beta_factor'.*got 1.0: expected a finite number > 1"),
-        ({"beta_factor": "x"}, "'beta_factor'.*got 'x': expected a finite number > 1"),
+        (
+            {"beta_factor": 1.0000000001},
+            "beta_factor must be a finite number >= 1.0001, got 1.0000000001",
+        ),
+        ({"beta_factor": 1.0}, "'beta_factor'.*>= 1.0001, got 1.0"),
+        ({"beta_factor": "x"}, "'beta_factor'.*>= 1.0001, got 'x'"),
+        ({"beta_factor": None}, "'beta_factor' of backend 'native' got None"),
         ({"sweeps_per_beta": 0}, "'sweeps_per_beta'.*got 0"),
-        ({"num_threads": -1}, "'num_threads'.*got -1: expected an integer >= 0"),
+        ({"sweeps_per_beta": 2**63}, "sweeps_per_beta must be an integer <= "),
+        ({"sweeps_per_beta": None}, "'sweeps_per_beta' of backend 'native' got None"),
+        (
+            {"num_threads": -1},
+            "'num_threads'.*num_threads must be an integer in \\[0, 2147483647\\], "
+            "got -1",
+        ),
+        ({"num_threads": 2**31}, "num_threads must be .*got 2147483648"),
+        ({"num_threads": None}, "'num_threads' of backend 'native' got None"),
         (
             {"beta_min": 0.1},
             "option 'beta_min' of backend 'native' applies only with "
@@ -292,6 +406,35 @@ def test_bad_options(options, match):
         native(**options)
 
 
+def test_smallest_beta_factor_runs():
+    # The shortest steps allowed: 1e-3 .. 100 in 115136 temperatures.
+    problem = random_problem(4, 2, seed=0)
+    backend = native(schedule="fixed", beta_factor=native_module.MIN_BETA_FACTOR)
+    sol = backend.solve(problem, seed=0)
+    assert sol.info["num_betas"] == 115136  # floor(log(1e5) / log(1.0001)) + 1
+    assert sol.energy == pytest.approx(exhaustive_energy(problem), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("beta_factor=1.0000000001", "beta_factor must be a finite number >= 1.0001"),
+        ("num_restarts=" + "1" + "0" * 23, "num_restarts must be an integer <= "),
+        ("num_restarts=None", "num_restarts must be an integer >= 1, got 'None'"),
+        ("num_threads=-2", "num_threads must be an integer in [0, 2147483647]"),
+    ],
+)
+def test_cli_bad_option_one_line_exit_2(tmp_path, capsys, option, message):
+    path = tmp_path / "block.npz"
+    random_problem(6, 3, seed=0).save(path)
+    rc = main(["solve", str(path), "--backend", "native", "--backend-option", option])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert message in err
+
+
 def test_options_from_command_line_strings():
     backend = native(num_restarts="3", schedule="fixed", beta_min="0.01")
     assert backend.parameters["num_restarts"] == 3
@@ -308,16 +451,7 @@ def test_bad_solve_arguments():
 
 def test_binding_checks_types():
     Q = np.eye(4)
-    args = dict(
-        seed=0,
-        num_restarts=1,
-        beta_min=1.0,
-        beta_max=2.0,
-        beta_factor=1.1,
-        sweeps_per_beta=1,
-        num_threads=1,
-        auto_schedule=False,
-    )
+    args = BINDING_ARGS
     with pytest.raises(TypeError, match="C-contiguous float64"):
         _native.solve(Q.astype(np.float32), 2, None, **args)
     with pytest.raises(TypeError, match="C-contiguous float64"):

@@ -18,40 +18,43 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends.base import Backend, Option, choice_option, int_option
+from icbs_opt.backends.base import Backend, Option, choice_option
+from icbs_opt.checks import check_float, check_int
 from icbs_opt.errors import BackendError
 from icbs_opt.problems import BlockProblem
 
 log = logging.getLogger(__name__)
 
-#: The reference schedule (the paper's SA): used by ``schedule="fixed"``.
+# The schedule policy of the backend, in one place: the C core takes every number
+# of the schedule as an argument and owns none (native/sa.h). Docstrings, option
+# help and docs/backends.md quote these names.
+
+#: ``schedule="fixed"``: the reference code's range, for Q scaled to mean
+#: ``|Q_ij|`` = 1. Also the auto schedule's range when no sampled swap is uphill.
 FIXED_BETA_MIN = 1e-3
 FIXED_BETA_MAX = 100.0
-
-
-def _float_above(
-    name: str, default: float | None, help: str, *, above: float
-) -> Option:
-    """A finite float option strictly greater than ``above``."""
-    expected = f"expected a finite number > {above:g}"
-
-    def parse(value: Any) -> float:
-        try:
-            number = math.nan if isinstance(value, bool) else float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not (math.isfinite(number) and number > above):
-            raise ValueError(expected)
-        return number
-
-    return Option(name, parse, default, help, f"float > {above:g}")
+#: ``schedule="auto"``: swaps sampled at the start state (all of them if fewer).
+AUTO_SAMPLES = 2048
+#: ``schedule="auto"``: mean Metropolis acceptance of the sampled uphill swaps at
+#: ``beta_min``. Colder starts (0.1) miss the optimum of about 1 in 1000 small
+#: random problems; see docs/backends.md.
+AUTO_ACCEPT = 0.3
+#: ``schedule="auto"``: ``beta_max / beta_min``.
+AUTO_RANGE = 1e3
+#: Proposals per sweep: ``max(n, MIN_SWEEP_SIZE)``, so that a temperature of a
+#: small problem is long enough to mean something (and to end a restart).
+MIN_SWEEP_SIZE = 64
+#: Smallest ``beta_factor``: the longest schedule (from the smallest to the largest
+#: float) then has 15 million temperatures, within the core's limit of 1e9.
+MIN_BETA_FACTOR = 1.0001
+#: ``num_threads`` is a C ``int``.
+MAX_THREADS = 2**31 - 1
 
 
 class _ForkGuard:
@@ -85,22 +88,38 @@ def _seed64(seed: int) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
 
 
+def _reject_none(opt: Option, value: Any) -> None:
+    """Refuse an explicit None for an option that has a default."""
+    if value is not None:
+        return
+    try:
+        opt.parse(None)
+    except ValueError as exc:
+        raise BackendError(
+            f"option {opt.name!r} of backend 'native' got None: {exc}"
+        ) from None
+
+
 class NativeBackend(Backend):
     """Swap-move simulated annealing in C, with restarts in parallel threads.
 
-    A sweep is n proposed swaps. Inverse temperatures run geometrically from
-    ``beta_min`` to ``beta_max`` (factor ``beta_factor``, ``sweeps_per_beta``
-    sweeps each); a temperature at which no energy-changing swap is accepted ends
-    the restart early. Each restart then returns to the best state it visited and
-    finishes with a swap descent (for each one, the best swap with a zero, until
-    no swap lowers the energy). The answer is the best restart (lowest energy,
-    ties to the lower restart index).
+    A sweep is ``max(n, MIN_SWEEP_SIZE)`` proposed swaps. Inverse temperatures
+    run geometrically from ``beta_min`` to ``beta_max`` (factor ``beta_factor``,
+    ``sweeps_per_beta`` sweeps each); a temperature at which no energy-changing
+    swap is accepted ends the restart early. Each restart then returns to the
+    best state it visited and finishes with a swap descent (for each one, the
+    best swap with a zero, until no swap lowers the energy). The answer is the
+    best restart (lowest energy, ties to the lower restart index).
 
-    ``schedule="auto"`` (the default) derives the range from Q: at the start state
-    it samples up to 4096 swaps and picks ``beta_min`` where the mean Metropolis
-    acceptance of the uphill ones is 0.1 and ``beta_max`` where it is 1e-4.
-    ``schedule="fixed"`` uses ``beta_min`` and ``beta_max`` (default 1e-3 and 100,
-    the reference code's schedule for Q scaled to mean ``|Q_ij|`` = 1).
+    ``schedule="auto"`` (the default) derives the range from Q: at the start
+    state it takes the energy changes of ``AUTO_SAMPLES`` random swaps (all of
+    them when there are fewer), puts ``beta_min`` where the mean Metropolis
+    acceptance of the uphill ones is ``AUTO_ACCEPT`` and ``beta_max`` at
+    ``AUTO_RANGE * beta_min`` (``FIXED_BETA_MIN .. FIXED_BETA_MAX`` when no
+    sampled swap is uphill). ``schedule="fixed"`` uses ``beta_min`` and
+    ``beta_max`` (default ``FIXED_BETA_MIN`` and ``FIXED_BETA_MAX``, the
+    reference code's schedule for Q scaled to mean ``|Q_ij|`` = 1). These
+    constants are module attributes; docs/backends.md gives their values.
 
     ``info``: ``schedule``, ``beta_min``, ``beta_max``, ``beta_factor``,
     ``num_betas``, ``sweeps_per_beta``, ``sweep_size`` (proposals per sweep),
@@ -110,45 +129,75 @@ class NativeBackend(Backend):
     unseeded run: solving again with it repeats the run).
 
     Raises:
-        BackendError: For a bad option, or ``beta_min``/``beta_max`` given with
+        BackendError: For a bad option value (None included, where the option
+            has a default), ``beta_min``/``beta_max`` given with
             ``schedule="auto"``, or ``beta_max < beta_min``.
     """
 
     name = "native"
     options = (
-        int_option("num_restarts", 10, "independent anneals; the best is returned"),
+        Option(
+            "num_restarts",
+            lambda v: check_int(v, "num_restarts", minimum=1),
+            10,
+            "independent anneals; the best is returned",
+            "int >= 1",
+        ),
         choice_option(
             "schedule",
             ("auto", "fixed"),
             "auto",
-            "'auto': beta range from Q's energy scale; 'fixed': beta_min..beta_max",
+            f"'auto': beta_min where the mean uphill acceptance is {AUTO_ACCEPT:g}, "
+            f"beta_max = {AUTO_RANGE:g} * beta_min; 'fixed': beta_min..beta_max",
         ),
-        _float_above(
+        Option(
             "beta_min",
+            lambda v: check_float(v, "beta_min", above=0.0),
             None,
             f"first inverse temperature, schedule='fixed' only (default "
             f"{FIXED_BETA_MIN:g})",
-            above=0.0,
+            "float > 0",
         ),
-        _float_above(
+        Option(
             "beta_max",
+            lambda v: check_float(v, "beta_max", above=0.0),
             None,
             f"last inverse temperature, schedule='fixed' only (default "
             f"{FIXED_BETA_MAX:g})",
-            above=0.0,
+            "float > 0",
         ),
-        _float_above("beta_factor", 1.1, "ratio of consecutive betas", above=1.0),
-        int_option("sweeps_per_beta", 1, "sweeps (n proposed swaps each) per beta"),
-        int_option(
+        Option(
+            "beta_factor",
+            lambda v: check_float(v, "beta_factor", minimum=MIN_BETA_FACTOR),
+            1.1,
+            "ratio of consecutive betas",
+            f"float >= {MIN_BETA_FACTOR:g}",
+        ),
+        Option(
+            "sweeps_per_beta",
+            lambda v: check_int(v, "sweeps_per_beta", minimum=1),
+            1,
+            f"sweeps (max(n, {MIN_SWEEP_SIZE}) proposed swaps each) per beta",
+            "int >= 1",
+        ),
+        Option(
             "num_threads",
+            lambda v: check_int(v, "num_threads", minimum=0, maximum=MAX_THREADS),
             0,
             "threads running restarts; 0: all cores (OMP_NUM_THREADS)",
-            minimum=0,
+            f"int in [0, {MAX_THREADS}]",
         ),
     )
 
     def __init__(self, **options: Any):
+        for opt in self.options:  # the base class passes an explicit None through
+            if opt.default is not None and opt.name in options:
+                _reject_none(opt, options[opt.name])
         super().__init__(**options)
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """Check that ``beta_min``/``beta_max`` fit the schedule and each other."""
         p = self._params
         if p["schedule"] == "auto":
             for key in ("beta_min", "beta_max"):
@@ -157,14 +206,20 @@ class NativeBackend(Backend):
                         f"option {key!r} of backend 'native' applies only with "
                         f"schedule='fixed', got {key}={p[key]!r} with schedule='auto'"
                     )
-        else:
-            lo = FIXED_BETA_MIN if p["beta_min"] is None else p["beta_min"]
-            hi = FIXED_BETA_MAX if p["beta_max"] is None else p["beta_max"]
-            if hi < lo:
-                raise BackendError(
-                    f"option 'beta_max' of backend 'native' must be >= beta_min, "
-                    f"got beta_min={lo!r}, beta_max={hi!r}"
-                )
+            return
+        lo, hi = self._fixed_range()
+        if hi < lo:
+            raise BackendError(
+                f"option 'beta_max' of backend 'native' must be >= beta_min, "
+                f"got beta_min={lo!r}, beta_max={hi!r}"
+            )
+
+    def _fixed_range(self) -> tuple[float, float]:
+        """``beta_min, beta_max`` as given, or the fixed defaults."""
+        p = self._params
+        lo = FIXED_BETA_MIN if p["beta_min"] is None else p["beta_min"]
+        hi = FIXED_BETA_MAX if p["beta_max"] is None else p["beta_max"]
+        return lo, hi
 
     def unavailable_reason(self) -> str | None:
         """Say how to build the extension when it is missing."""
@@ -183,6 +238,8 @@ class NativeBackend(Backend):
         if seed is None:  # draw one and report it, so that the run can be repeated
             seed = secrets.randbits(63)
         seed64 = _seed64(seed)
+        beta_min, beta_max = self._fixed_range()
+        sweep_size = max(problem.n, MIN_SWEEP_SIZE)
         threads = p["num_threads"]
         if _ForkGuard.single_thread and threads != 1:
             log.debug("forked from a process that ran OpenMP threads: one thread")
@@ -193,33 +250,20 @@ class NativeBackend(Backend):
             None if x0 is None else np.ascontiguousarray(x0, dtype=np.int8),
             seed=seed64,
             num_restarts=p["num_restarts"],
-            beta_min=FIXED_BETA_MIN if p["beta_min"] is None else p["beta_min"],
-            beta_max=FIXED_BETA_MAX if p["beta_max"] is None else p["beta_max"],
+            beta_min=beta_min,
+            beta_max=beta_max,
             beta_factor=p["beta_factor"],
             sweeps_per_beta=p["sweeps_per_beta"],
+            sweep_size=sweep_size,
             num_threads=threads,
             auto_schedule=not fixed,
+            auto_samples=AUTO_SAMPLES,
+            auto_accept=AUTO_ACCEPT,
+            auto_range=AUTO_RANGE,
         )
         if run["num_threads"] > 1:
             _ForkGuard.pool_started = True
-        trivial = problem.k in (0, problem.n)
-        info = {
-            "schedule": p["schedule"],
-            "beta_min": run["beta_min"],
-            "beta_max": run["beta_max"],
-            "beta_factor": p["beta_factor"],
-            "num_betas": run["num_betas"],
-            "sweeps_per_beta": p["sweeps_per_beta"],
-            "sweep_size": problem.n,
-            "restart_energies": run["restart_energies"].tolist(),
-            "restart_sweeps": run["restart_sweeps"].tolist(),
-            "restart_accepted": run["restart_accepted"].tolist(),
-            "restart_descent_swaps": run["restart_descent"].tolist(),
-            "best_restart": run["best_restart"],
-            "num_threads": run["num_threads"],
-            "openmp": bool(native.openmp),
-            "seed": int(seed),
-        }
+        info = self._info(run, sweep_size, int(seed), bool(native.openmp))
         log.debug(
             "native SA n=%d k=%d: %s schedule beta %.3g..%.3g (%d betas), best "
             "restart %d of %d%s",
@@ -231,6 +275,29 @@ class NativeBackend(Backend):
             run["num_betas"],
             run["best_restart"],
             p["num_restarts"],
-            " (trivial: k = 0 or k = n)" if trivial else "",
+            " (trivial: k = 0 or k = n)" if problem.k in (0, problem.n) else "",
         )
         return x, info
+
+    def _info(
+        self, run: dict[str, Any], sweep_size: int, seed: int, openmp: bool
+    ) -> dict[str, Any]:
+        """The ``info`` of a solve from the core's run details."""
+        p = self._params
+        return {
+            "schedule": p["schedule"],
+            "beta_min": run["beta_min"],
+            "beta_max": run["beta_max"],
+            "beta_factor": p["beta_factor"],
+            "num_betas": run["num_betas"],
+            "sweeps_per_beta": p["sweeps_per_beta"],
+            "sweep_size": sweep_size,
+            "restart_energies": run["restart_energies"].tolist(),
+            "restart_sweeps": run["restart_sweeps"].tolist(),
+            "restart_accepted": run["restart_accepted"].tolist(),
+            "restart_descent_swaps": run["restart_descent"].tolist(),
+            "best_restart": run["best_restart"],
+            "num_threads": run["num_threads"],
+            "openmp": openmp,
+            "seed": seed,
+        }
