@@ -6,13 +6,15 @@ SmolLM2-135M-Instruct (GGUF -> float32, CPU) on WikiText-2, perplexity on the fi
 1. dense perplexity;
 2. one-shot baselines at every ``--densities``: ``magnitude`` and
    ``wanda_per_output`` (calibration: the first 32 windows of valid.txt);
-3. iCBS at every ``--icbs-densities`` with the task's preset (the settings of
+3. iCBS at every ``--icbs-densities`` and every ``--blocks-per-step`` M (one
+   forward/backward pass feeds M blocks) with the task's preset (the settings of
    ``icbs-opt prune --task smollm2-135m``: Wanda per-output init, blocks of 1024,
    one window per forward/backward, the paper's settings: gradient selection,
    empirical Fisher, grad multiplier 0.75, ridge 1e-3, tabu 0.4, fix fractions
    0.42/0.35) and batches of 8 x 512 valid tokens, evaluated every
-   ``--eval-every`` steps; a run stops early once its pruning time passes
-   ``--max-minutes``. ``--steps``, ``--block-size`` and ``--max-batch-size``
+   ``--eval-every`` passes; a run stops early once its pruning time (the
+   Pruner's construction included) passes ``--max-minutes``. ``--steps`` (passes),
+   ``--block-size``, ``--max-batch-size``, ``--tape-dtype`` and ``--check-pass``
    replace single fields of the preset.
 
 Prints the tables and the mean per-step time split; ``--json`` keeps everything.
@@ -20,6 +22,8 @@ Prints the tables and the mean per-step time split; ``--json`` keeps everything.
     python benchmarks/llm.py                                  # issue 4's figures
     python benchmarks/llm.py --steps 300 --eval-every 50 --icbs-densities 0.5 0.7
     python benchmarks/llm.py --steps 0 --densities 0.5 0.7    # baselines only
+    python benchmarks/llm.py --densities --blocks-per-step 210 64 16 1 \
+        --steps 1000 --max-minutes 30 --eval-every 4      # issue 10's curves
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from icbs_opt.tasks import get_task, task_spec
 TASK = "smollm2-135m"
 PRESET = task_spec(TASK).preset  # what `icbs-opt prune --task smollm2-135m` uses
 
-PHASES = ("forward_backward", "select", "gradient", "hessian", "q_build", "solve")
+PHASES = ("record", "select", "qubo", "solve", "check", "total")
 
 
 def peak_rss_gb() -> float:
@@ -51,7 +55,7 @@ def evaluate(task) -> tuple[float, float]:
     return ppl, time.perf_counter() - start
 
 
-def make_pruner(task, density: float, init: str, args) -> Pruner:
+def make_pruner(task, density: float, init: str, args, blocks: int = 1) -> Pruner:
     """A pruner with the task's preset, the given fields replaced."""
     preset = PRESET.replace(
         density=density,
@@ -59,6 +63,9 @@ def make_pruner(task, density: float, init: str, args) -> Pruner:
         block_size=args.block_size,
         max_batch_size=args.max_batch_size,
         seed=args.seed,
+        blocks_per_step=blocks,
+        tape_dtype=args.tape_dtype,
+        check_pass=args.check_pass,
     )
     return Pruner(
         task.model,
@@ -84,68 +91,57 @@ def baseline(task, density: float, init: str, args) -> dict:
     return {"init": init, "density": density, "perplexity": ppl, "seconds": seconds}
 
 
-def icbs(task, density: float, args, save=lambda run: None) -> dict:
+def icbs(task, density: float, blocks: int, args, save=lambda run: None) -> dict:
     """One iCBS run; ``save(run)`` is called with the partial run at every eval."""
     start = time.perf_counter()
-    pruner = make_pruner(task, density, PRESET.config.init, args)
-    init_seconds = time.perf_counter() - start
+    pruner = make_pruner(task, density, PRESET.config.init, args, blocks)
+    seconds = time.perf_counter() - start  # pruning time includes construction
     ppl, _ = evaluate(task)
-    curve = [{"step": 0, "perplexity": ppl, "seconds": 0.0}]
-    print(f"  step {0:>4}  perplexity {ppl:8.2f}  (init {init_seconds:.0f} s)")
+    curve = [{"pass": 0, "blocks": 0, "perplexity": ppl, "seconds": seconds}]
+    print(f"  pass {0:>4}  perplexity {ppl:8.2f}  (init {seconds:.0f} s)")
     batches = task.batches(args.seed)
-    seconds, steps = 0.0, []
+    passes: list[dict] = []
+    run = {"density": density, "blocks_per_step": blocks, "curve": curve}
     for s in range(1, args.steps + 1):
         X, y = next(batches)
-        record = pruner.step(X, y)
-        seconds += record.seconds.total
-        steps.append(
-            {
-                "layer": record.layer,
-                "accepted": record.accepted,
-                "flips": record.flips,
-                "dl": record.dl,
-                **{p: getattr(record.seconds, p) for p in (*PHASES, "total")},
-            }
-        )
+        record = pruner.run_pass(X, y)
+        seconds += record.seconds["total"]
+        passes.append(record.to_dict())
         out_of_time = seconds > 60 * args.max_minutes
-        if s % 10 == 0:
-            recent = np.mean([r["total"] for r in steps[-10:]])
-            print(f"  step {s:>4}  last 10 steps {recent:.1f} s each", flush=True)
         if s == args.steps or s % args.eval_every == 0 or out_of_time:
             ppl, eval_seconds = evaluate(task)
-            curve.append({"step": s, "perplexity": ppl, "seconds": seconds})
-            accepted = sum(r["accepted"] for r in steps)
+            done = sum(p["blocks"] for p in passes)
+            accepted = sum(p["accepted"] for p in passes)
+            curve.append(
+                {"pass": s, "blocks": done, "perplexity": ppl, "seconds": seconds}
+            )
             print(
-                f"  step {s:>4}  perplexity {ppl:8.2f}  pruning {seconds / 60:6.1f} "
-                f"min  accepted {accepted:>4}  (eval {eval_seconds:.0f} s, "
-                f"peak RSS {peak_rss_gb():.2f} GiB)",
+                f"  pass {s:>4}  blocks {done:>5}  perplexity {ppl:8.2f}  pruning "
+                f"{seconds / 60:6.1f} min  accepted {accepted:>5}  rolled back "
+                f"{sum(p['rolled_back'] for p in passes)}  (eval {eval_seconds:.0f}"
+                f" s, peak RSS {peak_rss_gb():.2f} GiB)",
                 flush=True,
             )
-            save({"density": density, "curve": curve, "steps": steps})
+            save({**run, "passes": passes})
         if out_of_time:
             print(f"  stopped: pruning time passed --max-minutes {args.max_minutes}")
             break
-    split = {p: float(np.mean([r[p] for r in steps])) for p in (*PHASES, "total")}
-    print(
-        "  mean step: "
-        + ", ".join(f"{p} {split[p]:.2f} s" for p in (*PHASES, "total")),
-        flush=True,
-    )
-    return {
-        "density": density,
-        "init_seconds": init_seconds,
-        "final_density": nonzero_density(task.model, task.layers),
-        "curve": curve,
-        "mean_step_seconds": split,
-        "steps": steps,
-    }
+    pruner.close()
+    split = {p: float(np.mean([r["seconds"][p] for r in passes])) for p in PHASES}
+    print("  mean pass: " + ", ".join(f"{p} {split[p]:.2f} s" for p in PHASES))
+    final = nonzero_density(task.model, task.layers)
+    return {**run, "final_density": final, "mean_pass_seconds": split,
+            "passes": passes}  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--densities", type=float, nargs="*", default=[0.5, 0.7])
     p.add_argument("--icbs-densities", type=float, nargs="*", default=[0.5])
-    p.add_argument("--steps", type=int, default=PRESET.run.steps)
+    p.add_argument("--steps", type=int, default=PRESET.run.steps, help="passes")
+    p.add_argument("--blocks-per-step", type=int, nargs="+", default=[1])
+    p.add_argument("--tape-dtype", default=PRESET.config.tape_dtype)
+    p.add_argument("--check-pass", action="store_true")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--max-minutes", type=float, default=float("inf"))
     p.add_argument("--block-size", type=int, default=PRESET.config.block_size)
@@ -208,16 +204,16 @@ def main() -> None:
         for init in ("magnitude", "wanda_per_output"):
             report["baselines"].append(baseline(task, density, init, args))
             restore()
-    if args.steps > 0:
-        for density in args.icbs_densities:
-            print(
-                f"iCBS from {PRESET.config.init}, density {density}, "
-                f"{args.steps} steps of block {args.block_size}:",
-                flush=True,
-            )
-            report["icbs"].append(icbs(task, density, args, save))
-            restore()
-            save()
+    runs = [(d, m) for d in args.icbs_densities for m in args.blocks_per_step]
+    for density, blocks in runs if args.steps > 0 else ():
+        print(
+            f"iCBS from {PRESET.config.init}, density {density}, {blocks} block(s) "
+            f"of {args.block_size} per pass, at most {args.steps} passes:",
+            flush=True,
+        )
+        report["icbs"].append(icbs(task, density, blocks, args, save))
+        restore()
+        save()
     report["peak_rss_gib"] = peak_rss_gb()
     print(f"process peak RSS {report['peak_rss_gib']:.2f} GiB")
     save()

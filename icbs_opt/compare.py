@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends import Backend
+from icbs_opt.backends import Backend, Solution
 from icbs_opt.backends.base import check_seed
 from icbs_opt.checks import check_int
 from icbs_opt.errors import ProblemError, ProblemTooLarge
+from icbs_opt.executors import Executor, ThreadExecutor
 from icbs_opt.problems import BlockProblem
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,13 @@ def compare(
     seed: int = 0,
     unreadable: Mapping[str, str] | None = None,
     progress: Callable[[Run], None] | None = None,
+    executor: Executor | None = None,
 ) -> Comparison:
     """Run every backend ``repeats`` times on every problem.
+
+    The runs of one backend and one repeat are one batch
+    (:meth:`Executor.solve_many <icbs_opt.executors.Executor.solve_many>`), so
+    the executor may solve them concurrently; the results do not depend on it.
 
     Args:
         problems: Problems by name.
@@ -241,10 +247,14 @@ def compare(
             ``run_seed(seed, i, r)`` for every backend.
         seed: Base seed.
         unreadable: Files that could not be read, carried into the result.
-        progress: Called after every run (e.g. to advance a progress bar).
+        progress: Called after every run (e.g. to advance a progress bar), in
+            the order the runs finish.
+        executor: Where the batches are solved (``None``: one by one here).
 
     Returns:
-        The runs, with gaps and successes filled in against the best known energy.
+        The runs, ordered by problem, backend and repeat, with gaps and
+        successes filled in against the best known energy. A problem larger
+        than a backend takes gives one ``"skipped"`` run (repeat 0).
 
     Raises:
         ProblemError: If ``repeats`` is not an integer >= 1 or ``seed`` is not a
@@ -252,26 +262,78 @@ def compare(
     """
     repeats = check_int(repeats, "repeats", minimum=1, error=ProblemError)
     seed = check_seed(seed)
+    executor = executor or ThreadExecutor(workers=1)
+    logger.info(
+        "comparing %d backends on %d problems on %s",
+        len(backends),
+        len(problems),
+        executor.description,
+    )
+    items = list(problems.items())
     runs: list[Run] = []
-    for index, (pname, problem) in enumerate(problems.items()):
-        for bname, backend in backends.items():
-            for r in range(repeats):
-                s = run_seed(seed, index, r)
-                run = Run(pname, problem.n, problem.k, bname, r, s, "ok")
-                try:
-                    sol = backend.solve(problem, seed=s)
-                except ProblemTooLarge as exc:
-                    run.status, run.reason = "skipped", str(exc)
-                else:
-                    run.energy, run.feasible = sol.energy, sol.feasible
-                    run.seconds = sol.seconds
-                    run.raw_feasible_fraction = sol.info.get("raw_feasible_fraction")
-                runs.append(run)
-                if progress is not None:
-                    progress(run)
-                if run.status == "skipped":
-                    break
+    for bname, backend in backends.items():
+        runs += _compare_backend(
+            items, bname, backend, repeats, seed, executor, progress
+        )
+    order = {name: i for i, name in enumerate(problems)}
+    border = {name: i for i, name in enumerate(backends)}
+    runs.sort(key=lambda run: (order[run.problem], border[run.backend], run.repeat))
     return Comparison(list(problems), runs, dict(unreadable or {}), _score(runs))
+
+
+def _compare_backend(
+    items: list[tuple[str, BlockProblem]],
+    bname: str,
+    backend: Backend,
+    repeats: int,
+    seed: int,
+    executor: Executor,
+    progress: Callable[[Run], None] | None,
+) -> list[Run]:
+    """One backend's runs: a skipped run per problem too large, a batch per repeat."""
+    runs: list[Run] = []
+    fits: list[int] = []
+    for index, (pname, problem) in enumerate(items):
+        try:
+            backend.check_size(problem)
+        except ProblemTooLarge as exc:
+            s = run_seed(seed, index, 0)
+            run = Run(pname, problem.n, problem.k, bname, 0, s, "skipped")
+            run.reason = str(exc)
+            runs.append(run)
+            if progress is not None:
+                progress(run)
+        else:
+            fits.append(index)
+    batch = [items[i][1] for i in fits]
+    for r in range(repeats):
+        mine = [
+            Run(items[i][0], p.n, p.k, bname, r, run_seed(seed, i, r), "ok")
+            for i, p in zip(fits, batch, strict=True)
+        ]
+        _solve_batch(executor, backend, batch, mine, progress)
+        runs += mine
+    return runs
+
+
+def _solve_batch(
+    executor: Executor,
+    backend: Backend,
+    problems: list[BlockProblem],
+    runs: list[Run],
+    progress: Callable[[Run], None] | None,
+) -> None:
+    """Solve ``problems`` in one batch, filling in ``runs`` (one per problem)."""
+
+    def finish(index: int, sol: Solution) -> None:
+        run = runs[index]
+        run.energy, run.feasible = sol.energy, sol.feasible
+        run.seconds = sol.seconds
+        run.raw_feasible_fraction = sol.info.get("raw_feasible_fraction")
+        if progress is not None:
+            progress(run)
+
+    executor.solve_many(backend, problems, [run.seed for run in runs], done=finish)
 
 
 def _score(runs: list[Run]) -> dict[str, float]:

@@ -7,12 +7,13 @@ samples of per-sample losses, and works on the weight of one ``nn.Linear`` or
 (for a Conv2d, ``d_in = C_in * kh * kw`` in :func:`torch.nn.functional.unfold`
 order).
 
-Per-sample block gradients come from ONE forward/backward of each (sub-)batch:
-a forward hook keeps the block's columns of the layer input ``x`` and a tensor hook
-on the layer output receives ``delta = dL/d(out)``; the block's per-sample
-gradients are ``G[s, i] = N * sum_t delta[s, t, row_i] * x[s, t, col_i]`` (the
-factor ``N`` undoes the mean over samples). The per-sample gradient of the whole
-layer is never formed.
+One recording engine, :func:`record_layers`, serves any set of layers with ONE
+forward/backward of each (sub-)batch: forward hooks keep each layer's input rows
+``x`` and the backward pass asks for the gradients ``delta = dL/d(out)`` of the
+layer outputs only. A block's per-sample gradients are then
+``G[s, i] = N * sum_t delta[s, t, row_i] * x[s, t, col_i]`` (the factor ``N``
+undoes the mean over samples); the per-sample gradient of a whole layer is never
+formed.
 
 Example:
     >>> import torch
@@ -179,6 +180,184 @@ def layer_gradients(
     return [t.detach() for t in total]
 
 
+class LayerTape:
+    """A layer's inputs and per-sample output gradients over one batch.
+
+    Recorded by :func:`record_layers`. Holds, per sub-batch, the rows ``x``
+    ``(b, T, d_in)`` that multiply the weight and the per-sample output gradients
+    ``b * dL/d(out)`` ``(b, T, d_out)``: enough for the layer's gradient and any
+    block's per-sample gradients without another forward/backward. Layers fed the
+    same input tensor (q/k/v, gate/up) share its storage.
+
+    Attributes:
+        module: The layer.
+        xs: ``(b, T, d_in)`` input rows per sub-batch (calls concatenated on T).
+        deltas: ``(b, T, d_out)`` per-sample output gradients, aligned with ``xs``.
+        seconds: Wall time of the recording pass.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.xs: list[torch.Tensor] = []
+        self.deltas: list[torch.Tensor] = []
+        self.seconds = 0.0
+
+    def gradient(self) -> torch.Tensor:
+        """Gradient of the batch's mean loss, shaped like the weight."""
+        w = self.module.weight
+        x = _wide(torch.cat(self.xs))  # (N, T, d_in)
+        delta = _wide(torch.cat(self.deltas))  # (N, T, d_out)
+        grad = torch.einsum("bto,bti->oi", delta, x) / len(x)
+        return grad.reshape(w.shape).to(w.dtype)
+
+    def per_sample_block_gradients(self, idx: Any) -> torch.Tensor:
+        """``(N, n)`` float64 per-sample gradients of the flat weight indices idx."""
+        _, d_in = weight_matrix_shape(self.module)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.module.weight.device)
+        rows, cols = idx // d_in, idx % d_in
+        parts = [  # (b, n) per sub-batch: sum over T of delta * x
+            (_wide(d[..., rows]) * _wide(x[..., cols])).sum(1)
+            for x, d in zip(self.xs, self.deltas, strict=True)
+        ]
+        return torch.cat(parts).to(torch.float64)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (a storage shared with another tape counts)."""
+        return sum(t.numel() * t.element_size() for t in self.xs + self.deltas)
+
+
+def record_layers(
+    model: nn.Module,
+    loss_fn: LossFn,
+    X: Any,
+    y: Any,
+    modules: Sequence[nn.Module],
+    *,
+    max_batch_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    memory_limit: int | None = None,
+) -> tuple[list[LayerTape], float]:
+    """One forward/backward per sub-batch, keeping the layers' inputs and deltas.
+
+    The backward pass asks only for the layer outputs' gradients, so no weight
+    gradient is formed.
+
+    Args:
+        model: The model; ``loss_fn(model, X, y)`` is its mean per-sample loss.
+        loss_fn: The loss.
+        X: Inputs, samples on dim 0.
+        y: Targets, samples on dim 0.
+        modules: Distinct ``nn.Linear``/``nn.Conv2d`` modules of the model.
+        max_batch_size: Largest sub-batch per forward/backward (None: whole batch).
+        dtype: Storage dtype of the tapes (None: at least float32); ``bfloat16``
+            halves their memory, products are still taken in float32.
+        memory_limit: Bytes the tapes may take; after the first sub-batch the
+            whole batch's need is estimated and a larger one refused.
+
+    Returns:
+        One :class:`LayerTape` per module and the batch's mean loss.
+
+    Raises:
+        PruningError: If a module is never called, or the tapes would need more
+            than ``memory_limit`` bytes.
+    """
+    for m in modules:
+        check_prunable(m)
+    start = time.perf_counter()
+    tapes = {id(m): LayerTape(m) for m in modules}
+    recorder = _Recorder(tapes, dtype)
+    handles = [m.register_forward_hook(recorder.hook) for m in modules]
+    loss_sum, chunks = 0.0, split_batch(X, y, max_batch_size)
+    try:
+        with _requires_grad([m.weight for m in modules]):
+            for i, (Xb, yb) in enumerate(chunks):
+                loss = _scalar_loss(loss_fn, model, Xb, yb)
+                recorder.backward(loss, len(Xb))
+                loss_sum += float(loss.detach()) * len(Xb)
+                if i == 0 and memory_limit is not None:
+                    _check_memory(tapes.values(), len(chunks), memory_limit)
+    finally:
+        for h in handles:
+            h.remove()
+        recorder.calls.clear()
+    seconds = time.perf_counter() - start
+    for tape in tapes.values():
+        if not tape.xs:
+            w = tape.module.weight
+            raise PruningError(
+                f"the forward pass never called layer {type(tape.module).__name__}"
+                f" {tuple(w.shape)}; is it part of the model?"
+            )
+        tape.seconds = seconds
+    return list(tapes.values()), loss_sum / len(X)
+
+
+class _Recorder:
+    """Forward hooks keep layer inputs; one backward gives the output gradients."""
+
+    def __init__(self, tapes: dict[int, LayerTape], dtype: torch.dtype | None):
+        self.tapes, self.dtype = tapes, dtype
+        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.shared: dict[int, torch.Tensor] = {}  # id(input) -> stored rows
+
+    def hook(
+        self, mod: nn.Module, inputs: tuple, out: torch.Tensor
+    ) -> torch.Tensor | None:
+        if not out.requires_grad:  # a call outside the differentiated forward
+            return None
+        x = inputs[0].detach()
+        dtype = self.dtype or torch.promote_types(x.dtype, torch.float32)
+        key = id(inputs[0])
+        rows = self.shared.get(key) if isinstance(mod, nn.Linear) else None
+        if rows is None:
+            rows = layer_inputs(mod, x).to(dtype)  # a view when dtype matches
+            if isinstance(mod, nn.Linear):
+                self.shared[key] = rows
+        self.calls.append((mod, rows, out))
+        # The model goes on with a copy: an in-place op after the layer (ReLU with
+        # inplace=True) then leaves ``out``, whose gradient is asked for, intact.
+        return out.clone()
+
+    def backward(self, loss: torch.Tensor, b: int) -> None:
+        """Gradients of ``loss`` w.r.t. the recorded outputs, onto the tapes."""
+        outs = [out for _, _, out in self.calls]
+        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+        per_module: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for (mod, x, out), g in zip(self.calls, grads, strict=True):
+            g = torch.zeros_like(out) if g is None else g
+            # the loss is a mean over the b samples: scale to per-sample
+            d = (_wide(layer_output_grads(mod, g)) * b).to(x.dtype)
+            per_module.setdefault(id(mod), []).append((x, d))
+        for key, calls in per_module.items():  # several calls: concatenate on T
+            xs, ds = zip(*calls, strict=True)
+            tape = self.tapes[key]
+            tape.xs.append(xs[0] if len(xs) == 1 else torch.cat(xs, 1))
+            tape.deltas.append(ds[0] if len(ds) == 1 else torch.cat(ds, 1))
+        self.calls.clear()
+        self.shared.clear()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (a bfloat16 tape is widened for arithmetic)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _check_memory(tapes: Any, chunks: int, limit: int) -> None:
+    """Refuse a pass whose tapes would take more than ``limit`` bytes."""
+    storages = {}
+    for tape in tapes:
+        for t in tape.xs + tape.deltas:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    need = sum(storages.values()) * chunks
+    if need > limit:
+        raise PruningError(
+            f"recording {len(list(tapes))} layers for this batch needs about "
+            f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB "
+            "available; use fewer blocks per step (--blocks-per-step), the "
+            "bfloat16 tape (--tape-dtype bfloat16) or a smaller batch"
+        )
+
+
 def per_sample_block_gradients(
     model: nn.Module,
     loss_fn: LossFn,
@@ -191,154 +370,17 @@ def per_sample_block_gradients(
 ) -> torch.Tensor:
     """Per-sample gradients of the block ``idx`` of ``module.weight``.
 
-    Args:
-        model: The model; ``loss_fn(model, X, y)`` is its mean per-sample loss.
-        loss_fn: The loss.
-        X: Inputs, samples on dim 0.
-        y: Targets, samples on dim 0.
-        module: An ``nn.Linear`` or ``nn.Conv2d`` inside ``model``.
-        idx: ``(n,)`` flat indices into ``module.weight.reshape(d_out, -1)``.
-        max_batch_size: Largest sub-batch per forward/backward (None: whole batch).
+    A convenience over :func:`record_layers` for one layer.
 
     Returns:
         ``(N, n)`` float64 tensor ``G`` with ``G[s, i]`` the gradient of sample
         ``s``'s loss w.r.t. weight ``idx[i]``; ``G.mean(0)`` is the batch gradient.
         A module called several times in one forward gets the sum over calls.
     """
-    check_prunable(module)
-    _, d_in = weight_matrix_shape(module)
-    idx = torch.as_tensor(idx, dtype=torch.long, device=module.weight.device)
-    tape = _BlockTape(module, idx // d_in, idx % d_in)
-    parts = []
-    handle = module.register_forward_hook(tape.forward_hook)
-    try:
-        with _requires_grad([module.weight]):
-            for Xb, yb in split_batch(X, y, max_batch_size):
-                tape.G = idx.new_zeros((len(Xb), idx.numel()), dtype=torch.float64)
-                loss = _scalar_loss(loss_fn, model, Xb, yb)
-                # Only to drive the backward pass; the hooks fill tape.G.
-                torch.autograd.grad(loss, module.weight, allow_unused=True)
-                parts.append(tape.G)
-    finally:
-        handle.remove()
-    return torch.cat(parts)
-
-
-class _BlockTape:
-    """Hooks that turn one forward/backward into the block's per-sample gradients."""
-
-    def __init__(self, module: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
-        self.module, self.rows, self.cols = module, rows, cols
-        self.G = torch.zeros(0)
-
-    def forward_hook(self, mod: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        if not out.requires_grad:  # a call outside the differentiated forward
-            return
-        x = inputs[0].detach()
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32
-        xc = layer_inputs(mod, x)[..., self.cols].to(dtype)  # (b, T, n)
-        out.register_hook(lambda delta: self._accumulate(delta, xc))
-
-    def _accumulate(self, delta: torch.Tensor, xc: torch.Tensor) -> None:
-        d = layer_output_grads(self.module, delta)[..., self.rows]  # (b, T, n)
-        per_sample = (d.to(xc.dtype) * xc).sum(1)  # (b, n); faster than einsum
-        # the loss is a mean over the b samples: scale by b for per-sample gradients
-        self.G.add_(per_sample.to(torch.float64), alpha=len(d))
-
-
-class LayerTape:
-    """A layer's inputs and output gradients over a batch, from one backward each.
-
-    Recorded by :func:`record_layer`. Holds the rows ``x`` ``(N, T, d_in)`` that
-    multiply the weight and the per-sample output gradients ``N * dL/d(out)``
-    ``(N, T, d_out)`` (memory ``N * T * (d_in + d_out)`` floats), enough for the
-    layer's full gradient and any block's per-sample gradients without a second
-    forward/backward.
-
-    Attributes:
-        module: The layer.
-        x: ``(N, T, d_in)`` layer input rows (calls of the module concatenated on T).
-        delta: ``(N, T, d_out)`` per-sample output gradients, aligned with ``x``.
-        seconds: Wall time of the recording forward/backward passes.
-    """
-
-    def __init__(
-        self, module: nn.Module, x: torch.Tensor, delta: torch.Tensor, seconds: float
-    ):
-        self.module, self.x, self.delta, self.seconds = module, x, delta, seconds
-
-    def gradient(self) -> torch.Tensor:
-        """Gradient of the batch's mean loss, shaped like the weight."""
-        w = self.module.weight
-        grad = torch.einsum("bto,bti->oi", self.delta, self.x) / len(self.x)
-        return grad.reshape(w.shape).to(w.dtype)
-
-    def per_sample_block_gradients(self, idx: Any) -> torch.Tensor:
-        """``(N, n)`` float64 per-sample gradients of the flat weight indices idx."""
-        _, d_in = weight_matrix_shape(self.module)
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.x.device)
-        d = self.delta[..., idx // d_in]  # (N, T, n)
-        xc = self.x[..., idx % d_in]  # (N, T, n)
-        return (d * xc).sum(1).to(torch.float64)
-
-
-def record_layer(
-    model: nn.Module,
-    loss_fn: LossFn,
-    X: Any,
-    y: Any,
-    module: nn.Module,
-    *,
-    max_batch_size: int | None = None,
-) -> LayerTape:
-    """One forward/backward per sub-batch, keeping the layer's inputs and deltas.
-
-    The backward pass stops at the layer: only the layer output's gradient is
-    asked for, so no weight gradient is formed.
-
-    Returns:
-        The :class:`LayerTape` of ``module`` over the batch.
-    """
-    check_prunable(module)
-    start = time.perf_counter()
-    xs: list[torch.Tensor] = []
-    deltas: list[torch.Tensor] = []
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        if out.requires_grad:
-            x = inputs[0].detach()
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            calls.append((layer_inputs(mod, x).to(dtype), out))
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with _requires_grad([module.weight]):
-            for Xb, yb in split_batch(X, y, max_batch_size):
-                calls.clear()
-                loss = _scalar_loss(loss_fn, model, Xb, yb)
-                outs = [out for _, out in calls]
-                grads = torch.autograd.grad(loss, outs, allow_unused=True)
-                for (x, out), g in zip(calls, grads, strict=True):
-                    g = torch.zeros_like(out) if g is None else g
-                    # the loss is a mean over the b samples: scale to per-sample
-                    d = layer_output_grads(module, g).to(x.dtype) * len(Xb)
-                    xs.append(x)
-                    deltas.append(d)
-                if len(calls) > 1:  # several calls: concatenate them on T
-                    k = len(calls)
-                    xs[-k:] = [torch.cat(xs[-k:], 1)]
-                    deltas[-k:] = [torch.cat(deltas[-k:], 1)]
-    finally:
-        handle.remove()
-        calls.clear()
-    if not xs:
-        raise PruningError(
-            f"the forward pass never called layer {type(module).__name__}"
-            f" {tuple(module.weight.shape)}; is it part of the model?"
-        )
-    seconds = time.perf_counter() - start
-    return LayerTape(module, torch.cat(xs), torch.cat(deltas), seconds)
+    (tape,), _ = record_layers(
+        model, loss_fn, X, y, [module], max_batch_size=max_batch_size
+    )
+    return tape.per_sample_block_gradients(idx)
 
 
 # ------------------------------------------------------------------- Hessians
@@ -456,6 +498,17 @@ def block_derivatives(
     t1 = time.perf_counter()
     H = G.T @ G / (len(X) if hessian == "gradient_mean" else G.shape[0])  # (n, n)
     return g, H, t1 - t0, time.perf_counter() - t1
+
+
+def batch_loss(
+    model: nn.Module, loss_fn: LossFn, X: Any, y: Any, max_batch_size: int | None
+) -> float:
+    """The batch's mean loss, forward only (a third of a forward/backward)."""
+    total = 0.0
+    with torch.no_grad():
+        for Xb, yb in split_batch(X, y, max_batch_size):
+            total += float(_scalar_loss(loss_fn, model, Xb, yb)) * len(Xb)
+    return total / len(X)
 
 
 # --------------------------------------------------------------- activations

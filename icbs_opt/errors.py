@@ -27,3 +27,11 @@ class PruningError(ValueError):
 
 class DataError(ValueError):
     """A task, model or data file is missing or unreadable."""
+
+
+class ExecutorError(BackendError):
+    """An unknown executor spec or a bad number of workers."""
+
+
+class ExecutorUnavailable(BackendUnavailable):
+    """An executor cannot run here (``distributed`` missing, scheduler unreachable)."""

@@ -30,6 +30,7 @@ INIT_METHODS = SCORE_METHODS + tuple(
 )
 SELECTION_METHODS = ("random", "magnitude", "wanda", "gradient")
 SCHEDULES = ("uniform", "log")
+TAPE_DTYPES = ("float32", "bfloat16")
 
 #: The paper's method settings, on top of PruneConfig's; every built-in preset uses
 #: them.
@@ -71,6 +72,16 @@ class PruneConfig:
         min_steps_per_layer: Floor of the ``log`` schedule's steps per layer.
         remove_zero_rows: Prune all-zero Q rows for free and solve the rest.
         max_batch_size: Largest sub-batch per forward/backward (None: whole batch).
+        blocks_per_step: Blocks one forward/backward pass feeds (M): the next M
+            layers of the schedule, several disjoint blocks per layer when M
+            exceeds the number of layers. A step is then a pass of M blocks.
+        workers: Block problems solved at once (None: the machine's cores).
+        executor: Where the problems of a pass are solved: None or ``threads``
+            (this process), or ``dask://HOST:PORT`` (a Dask cluster).
+        tape_dtype: Storage of the recorded layer inputs and output gradients:
+            ``float32``, or ``bfloat16`` for half the memory.
+        check_pass: After a pass, compare the batch loss with the one before
+            and undo the pass's moves if it rose.
         hessian_chunk_size: Hessian rows per pass for ``exact_piecewise``.
         seed: Seed of every random choice (init, layer, block, solver).
     """
@@ -91,6 +102,11 @@ class PruneConfig:
     remove_zero_rows: bool = False
     max_batch_size: int | None = None
     hessian_chunk_size: int = 32
+    blocks_per_step: int = 1
+    workers: int | None = None
+    executor: str | None = None
+    tape_dtype: str = "float32"
+    check_pass: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +122,7 @@ class PruneConfig:
             ("selection", SELECTION_METHODS),
             ("hessian", HESSIAN_MODELS),
             ("schedule", SCHEDULES),
+            ("tape_dtype", TAPE_DTYPES),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -120,17 +137,21 @@ class PruneConfig:
             ("fix_frac_keep", {"minimum": 0, "maximum": 1}),
         ):
             setattr(self, name, check_float(getattr(self, name), name, **bounds, **err))
-        for name in ("min_steps_per_layer", "hessian_chunk_size"):
+        for name in ("min_steps_per_layer", "hessian_chunk_size", "blocks_per_step"):
             setattr(self, name, check_int(getattr(self, name), name, minimum=1, **err))
-        if self.max_batch_size is not None:
-            self.max_batch_size = check_int(
-                self.max_batch_size, "max_batch_size", minimum=1, **err
-            )
+        for name in ("max_batch_size", "workers"):
+            if getattr(self, name) is not None:
+                setattr(
+                    self, name, check_int(getattr(self, name), name, minimum=1, **err)
+                )
+        if self.executor is not None and not isinstance(self.executor, str):
+            raise PruningError(f"executor must be a string, got {self.executor!r}")
         self.seed = check_int(self.seed, "seed", minimum=0, **err)
-        if not isinstance(self.remove_zero_rows, bool):
-            raise PruningError(
-                f"remove_zero_rows must be True or False, got {self.remove_zero_rows!r}"
-            )
+        for name in ("remove_zero_rows", "check_pass"):
+            if not isinstance(getattr(self, name), bool):
+                raise PruningError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                )
 
     @property
     def init_method(self) -> str:
@@ -152,7 +173,7 @@ class RunSettings:
     """How long a run goes and how it is scored, beside the method's settings.
 
     Attributes:
-        steps: Block steps (>= 0).
+        steps: Steps (>= 0); a step is one pass of ``blocks_per_step`` blocks.
         eval_every: Evaluate every this many steps (0: only before and after).
         threads: Torch CPU threads (None: torch's default).
     """

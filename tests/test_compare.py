@@ -246,3 +246,43 @@ def test_cli_prune_harvest(tmp_path, monkeypatch):
     problems, unreadable = load_problems(files)
     assert not unreadable
     assert all(p.n == 10 and p.k == 5 for p in problems.values())
+
+
+def test_threads_executor_gives_the_serial_runs(folder):
+    from dataclasses import asdict
+
+    from icbs_opt.executors import make_executor
+
+    problems, _ = load_problems(find_problem_files([folder]))
+    backends = {
+        "exhaustive": get_backend("exhaustive"),
+        "native": get_backend("native", num_restarts=2),
+        "neal": get_backend("neal", num_reads=2, num_sweeps=100),
+    }
+    serial = compare(problems, backends, repeats=2, seed=4)
+    seen = []
+    with make_executor("threads", workers=3) as executor:
+        threads = compare(
+            problems,
+            backends,
+            repeats=2,
+            seed=4,
+            executor=executor,
+            progress=seen.append,
+        )
+
+    def strip(result):
+        return [{**asdict(r), "seconds": None} for r in result.runs]
+
+    assert strip(serial) == strip(threads)
+    assert len(seen) == len(threads.runs) == 4 * 3 * 2 - 1  # exhaustive skips n = 26
+    assert serial.best == threads.best
+
+
+def test_cli_executor_errors(folder, capsys):
+    argv = ["compare", "--problems", str(folder), "--backends", "exhaustive"]
+    assert main([*argv, "--workers", "0"]) == 2
+    assert "workers must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main([*argv, "--executor", "mpi://x:1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown executor 'mpi://x:1'; use 'threads', 'dask://HOST:PORT'" in err

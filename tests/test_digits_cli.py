@@ -253,3 +253,21 @@ def test_cli_output_that_is_a_file_fails_before_the_run(tmp_path, capsys, monkey
     taken.write_text("not a folder")
     assert main(["prune", "--out", str(taken)]) == 2
     assert "output folder" in capsys.readouterr().err
+
+
+def test_cli_prune_passes_of_many_blocks(cache, tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    argv = ["prune", "--cache-dir", str(cache), "--backend", "exhaustive"]
+    argv += ["--block-size", "12", "--steps", "2", "--blocks-per-step", "3"]
+    argv += ["--workers", "2", "--check-pass", "--json", str(summary)]
+    assert main(argv) == 0
+    assert "2 steps of 3 block(s)" in capsys.readouterr().out
+    s = json.loads(summary.read_text())
+    assert s["settings"]["config"]["blocks_per_step"] == 3
+    assert s["settings"]["config"]["check_pass"] is True
+    assert s["final"]["blocks"] == 6 and s["executor"] == "threads (2 workers)"
+    assert [p["pass"] for p in s["passes"]] == [1, 2]
+    for p in s["passes"]:
+        assert p["blocks"] == 3 and 0 <= p["accepted"] <= 3
+        assert {"record", "select", "qubo", "solve", "total"} <= set(p["seconds"])
+        assert p["loss_before"] is not None and p["loss_after"] is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -298,6 +299,8 @@ def _parse_device_arn(value: Any) -> str:
 
 
 def _parse_s3_folder(value: Any) -> tuple[str, str]:
+    if isinstance(value, tuple) and len(value) == 2:  # a parsed (bucket, prefix)
+        value = "/".join(value)
     text = value.strip() if isinstance(value, str) else ""
     text = text.removeprefix("s3://").strip("/")
     bucket, _, prefix = text.partition("/")
@@ -326,6 +329,14 @@ class BraketBackend(_QaoaBackend):
     Every failure to reach or use the device (no credentials, no region, unknown
     ARN, access denied, device offline, circuit too wide, failed or timed-out
     task) raises :class:`BackendUnavailable` with one message saying what to fix.
+
+    :meth:`solve_many` uses threads that each submit, not the SDK's task batches:
+    each problem's angle search runs in its own thread (``workers`` None: one per
+    problem), so the first task of every problem is submitted without waiting
+    for another problem's results, and the device queue holds one task of each
+    problem at a time. Within one problem each task waits for the one before,
+    because the optimiser picks the next angles from its result. Each answer's
+    ``info["tracker"]`` counts only its own tasks.
     """
 
     name = "braket"
@@ -355,6 +366,15 @@ class BraketBackend(_QaoaBackend):
     def __init__(self, device: Any = None, **options: Any):
         super().__init__(**options)
         self._device = device
+
+    @property
+    def portable(self) -> bool:
+        """False when built with a ``device`` object (it cannot be rebuilt)."""
+        return self._device is None
+
+    def _default_workers(self, count: int) -> int:
+        """One thread per problem, so every problem's tasks are queued at once."""
+        return max(count, 1)
 
     # ---------------------------------------------------------- availability
     def unavailable_reason(self) -> str | None:
@@ -447,11 +467,9 @@ class BraketBackend(_QaoaBackend):
         n, k = problem.n, problem.k
         if k in (0, n):  # a single feasible point: spend no tasks on it
             return np.full(n, 1 if k else 0, dtype=np.int8), {"evaluations": 0}
-        from braket.tracking import Tracker
-
         device, gate_set = self._open_device(n)
         task_ids: list[str] = []
-        with Tracker() as tracker:
+        with _thread_tracker() as tracker:
             x, info = self._run_qaoa(
                 problem, lambda c: self._run_task(device, c, n, task_ids), gate_set
             )
@@ -541,6 +559,31 @@ def _explain(exc: Exception, label: str) -> str:
     if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError"):
         return f"cannot reach Amazon Braket for device {label} (offline?): {text}"
     return f"device {label} failed ({code or kind}): {text}"
+
+
+def _thread_tracker() -> Any:
+    """A ``braket.tracking.Tracker`` of the tasks created by the calling thread.
+
+    Trackers listen to every task of the process, so with solves running in
+    parallel threads (``solve_many``) a plain one would count the other
+    threads' tasks too. A task's creation event is sent by the thread that
+    creates it, and a tracker takes status and completion events only for tasks
+    it holds, so dropping other threads' creation events is enough.
+    """
+    from braket.tracking import Tracker
+    from braket.tracking.tracking_events import _TaskCreationEvent
+
+    owner = threading.get_ident()
+
+    class ThreadTracker(Tracker):
+        def receive_event(self, event: Any) -> None:
+            if isinstance(event, _TaskCreationEvent) and (
+                threading.get_ident() != owner
+            ):
+                return
+            super().receive_event(event)
+
+    return ThreadTracker()
 
 
 def _tracker_summary(tracker: Any) -> dict[str, Any]:

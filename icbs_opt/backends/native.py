@@ -17,14 +17,16 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import secrets
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends.base import Backend, Option, choice_option
+from icbs_opt.backends.base import Backend, Option, Solution, choice_option
 from icbs_opt.checks import check_float, check_int
 from icbs_opt.errors import BackendError
 from icbs_opt.problems import BlockProblem
@@ -228,6 +230,27 @@ class NativeBackend(Backend):
         except ImportError:
             return "the native extension is not built; run: pip install -e ."
         return None
+
+    def solve_many(
+        self,
+        problems: Sequence[BlockProblem],
+        *,
+        seeds: Sequence[int | None],
+        x0s: Sequence[Any] | None = None,
+        workers: int | None = None,
+        done: Callable[[int, Solution], None] | None = None,
+    ) -> list[Solution]:
+        """As :meth:`Backend.solve_many`; solved side by side, each on one thread.
+
+        The problems then share the cores instead of each starting a thread per
+        core; answers do not depend on the thread count.
+        """
+        one = copy.copy(self)
+        if workers != 1 and len(problems) > 1:
+            one._params = {**self._params, "num_threads": 1}
+        return Backend.solve_many(
+            one, problems, seeds=seeds, x0s=x0s, workers=workers, done=done
+        )
 
     def _solve(
         self, problem: BlockProblem, *, seed: int | None, x0: np.ndarray | None

@@ -35,7 +35,19 @@ from icbs_opt.tasks import TaskSpec, task_names, task_spec
 #: Settings flags of `prune`: (flag, PruneConfig or RunSettings field, keywords).
 SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--density", "density", {"type": float, "help": "fraction of weights kept"}),
-    ("--steps", "steps", {"type": int, "help": "block steps"}),
+    ("--steps", "steps", {"type": int, "help": "steps; a step is one forward/"
+                          "backward pass feeding --blocks-per-step blocks"}),
+    ("--blocks-per-step", "blocks_per_step", {"type": int, "help": "blocks one "
+                                              "pass feeds (M distinct layers)"}),
+    ("--workers", "workers", {"type": int, "help": "block problems solved at once "
+                              "(None: the machine's cores)"}),
+    ("--executor", "executor", {"help": "where a pass's problems are solved: "
+                                "threads or dask://HOST:PORT"}),
+    ("--tape-dtype", "tape_dtype", {"help": "storage of recorded activations: "
+                                    "float32 or bfloat16 (half the memory)"}),
+    ("--check-pass", "check_pass", {"action": "store_const", "const": True,
+                                    "help": "undo a pass that raised the batch "
+                                    "loss"}),
     ("--block-size", "block_size", {"type": int, "help": "weights per block, n"}),
     ("--k", "k", {"type": int, "help": "pruned weights per block (n // 2 if unset)"}),
     ("--init", "init", {"help": "initial mask: magnitude, wanda, gradient, random; "
@@ -238,16 +250,19 @@ def _run(plan: PrunePlan, task: Any) -> tuple[dict[str, Any], Any, Any]:
     )
     init_seconds = time.perf_counter() - start
     init_density = nonzero_density(task.model, layers)
-    with progress_bar(run.steps, "prune", "step", enabled=plan.progress) as bar:
-        on_step, evaluate = _progress_callbacks(bar, task)
-        result = prune(
-            pruner,
-            task.batches(config.seed),
-            run.steps,
-            evaluate=evaluate,
-            eval_every=run.eval_every,
-            on_step=on_step,
-        )
+    with progress_bar(run.steps, "prune", "pass", enabled=plan.progress) as bar:
+        on_pass, evaluate = _progress_callbacks(bar, task)
+        try:
+            result = prune(
+                pruner,
+                task.batches(config.seed),
+                run.steps,
+                evaluate=evaluate,
+                eval_every=run.eval_every,
+                on_pass=on_pass,
+            )
+        finally:
+            pruner.close()
     init, final = result.history[0], result.history[-1]
     summary = {
         "task": task.name,
@@ -261,22 +276,25 @@ def _run(plan: PrunePlan, task: Any) -> tuple[dict[str, Any], Any, Any]:
                  "seconds": init_seconds},
         "final": {"metric": final["metric"], "loss": final["loss"],
                   "density": nonzero_density(task.model, layers),
-                  "steps": run.steps, "accepted": result.accepted,
-                  "seconds": result.seconds},
+                  "steps": run.steps, "blocks": len(result.records),
+                  "accepted": result.accepted, "seconds": result.seconds},
         "settings": plan.preset.to_dict(),
         "layers": layers,
+        "executor": pruner.executor.description,
         "history": result.history,
+        "passes": [p.to_dict() for p in result.passes],
     }  # fmt: skip
     return summary, pruner, result
 
 
 def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
-    """``on_step`` and ``evaluate`` that keep the bar's postfix current."""
-    shown: dict[str, Any] = {"accepted": 0}
+    """``on_pass`` and ``evaluate`` that keep the bar's postfix current."""
+    shown: dict[str, Any] = {"blocks": 0, "accepted": 0}
 
-    def on_step(record: Any) -> None:
+    def on_pass(record: Any) -> None:
+        shown["blocks"] += len(record.blocks)
         shown["accepted"] += record.accepted
-        bar.set_postfix(layer=record.layer, **shown, refresh=False)
+        bar.set_postfix(**shown, refresh=False)
         bar.update()
 
     def evaluate(model: Any) -> dict[str, float]:
@@ -285,7 +303,7 @@ def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
         bar.set_postfix(**shown)
         return scores
 
-    return on_step, evaluate
+    return on_pass, evaluate
 
 
 def _print_prune_table(s: dict[str, Any]) -> None:
@@ -301,9 +319,11 @@ def _print_prune_table(s: dict[str, Any]) -> None:
             f"{label:>6}  {r['metric']:>11.4g}  {r['loss']:>9.4f}  "
             f"{r['density']:>8.4f}  {seconds:>8}"
         )
+    f = s["final"]
     print(
-        f"init {s['init']['method']}; {s['final']['steps']} steps, "
-        f"{s['final']['accepted']} accepted"
+        f"init {s['init']['method']}; {f['steps']} steps of "
+        f"{s['settings']['config']['blocks_per_step']} block(s), "
+        f"{f['accepted']} of {f['blocks']} blocks accepted"
     )
 
 

@@ -123,6 +123,21 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="FILE", help="write one row per run as CSV")
     p.add_argument("--plot", metavar="FILE.png", help="plot gap and time against n")
     p.add_argument(
+        "--executor",
+        default="threads",
+        metavar="SPEC",
+        help="where runs are solved: 'threads' (default) or 'dask://HOST:PORT', a "
+        "running Dask scheduler (docs/cluster.md)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help="threads, or Dask tasks in flight, at once (default: the machine's "
+        "cores for threads, braket one per problem; the whole batch for Dask)",
+    )
+    p.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bar (it shows only when stderr is a terminal)",
@@ -132,6 +147,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from icbs_opt import compare as cmp
+    from icbs_opt.executors import make_executor
 
     backends = _compare_backends(args.backends, args.backend_option)
     problems, unreadable = cmp.load_problems(cmp.find_problem_files(args.problems))
@@ -141,7 +157,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             "(each is named in a warning above)"
         )
     total = len(problems) * len(backends) * max(args.repeats, 1)
-    with progress_bar(total, "compare", "run", enabled=not args.no_progress) as bar:
+    with (
+        make_executor(args.executor, workers=args.workers) as executor,
+        progress_bar(total, "compare", "run", enabled=not args.no_progress) as bar,
+    ):
 
         def advance(run: cmp.Run) -> None:
             bar.update(args.repeats - run.repeat if run.status == "skipped" else 1)
@@ -153,6 +172,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             seed=args.seed,
             unreadable=unreadable,
             progress=advance,
+            executor=executor,
         )
     if args.json:
         write_json(args.json, result.to_dict())

@@ -89,6 +89,16 @@ class BlockProblem:
         self._k = k
         self._meta = dict(meta or {})
 
+    @classmethod
+    def _derived(
+        cls, Q: np.ndarray, k: int, meta: Mapping[str, Any] | None = None
+    ) -> BlockProblem:
+        """A problem made from a valid one's symmetric, finite float64 Q (no checks)."""
+        problem = cls.__new__(cls)
+        Q.flags.writeable = False
+        problem._Q, problem._k, problem._meta = Q, k, dict(meta or {})
+        return problem
+
     # ------------------------------------------------------------------ basics
     @property
     def Q(self) -> np.ndarray:  # noqa: N802 - the matrix is called Q in the paper
@@ -278,7 +288,7 @@ class BlockProblem:
         scale = 1.0 / float(nz.mean()) if nz.size else 1.0
         Qs = self._Q * scale
         Qs[np.abs(Qs) <= ZERO_CUTOFF] = 0.0
-        return BlockProblem(Qs, self._k, meta=self._meta), scale
+        return BlockProblem._derived(Qs, self._k, self._meta), scale
 
     # ---------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 
 from icbs_opt.checks import check_int
 from icbs_opt.errors import DataError, PruningError
-from icbs_opt.pruning.pruner import Pruner, StepRecord
+from icbs_opt.pruning.pruner import PassRecord, Pruner, StepRecord
 
 
 @dataclass
@@ -20,20 +20,22 @@ class PruneResult:
     """Outcome of :func:`prune`.
 
     Attributes:
-        records: One :class:`StepRecord` per step.
+        records: One :class:`StepRecord` per block.
         history: ``{step, metric, loss, seconds}`` per evaluation (step 0 is the
             initial mask); ``seconds`` is pruning time so far, evaluations excluded.
         seconds: Total pruning time (evaluations excluded).
+        passes: One :class:`PassRecord` per step (a pass of one or more blocks).
     """
 
     records: list[StepRecord]
     history: list[dict[str, float]]
     seconds: float
+    passes: list[PassRecord] = field(default_factory=list)
 
     @property
     def accepted(self) -> int:
-        """Number of accepted steps."""
-        return sum(r.accepted for r in self.records)
+        """Number of blocks whose move stands."""
+        return sum(r.accepted and not r.rolled_back for r in self.records)
 
 
 def prune(
@@ -44,8 +46,9 @@ def prune(
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     eval_every: int = 0,
     on_step: Callable[[StepRecord], None] | None = None,
+    on_pass: Callable[[PassRecord], None] | None = None,
 ) -> PruneResult:
-    """Run ``steps`` block steps, one batch each.
+    """Run ``steps`` steps, one batch each: a pass of ``blocks_per_step`` blocks.
 
     Args:
         pruner: The pruner.
@@ -55,7 +58,8 @@ def prune(
         evaluate: ``evaluate(model) -> {"metric": ..., "loss": ...}``, called
             before the first step, every ``eval_every`` steps and after the last.
         eval_every: Evaluation period in steps (0: only before and after).
-        on_step: Called with each step's record (e.g. to drive a progress bar).
+        on_step: Called with each block's record.
+        on_pass: Called with each pass's record (e.g. to drive a progress bar).
 
     Returns:
         The records, the evaluation history and the pruning time.
@@ -85,11 +89,14 @@ def prune(
     for s in range(1, steps + 1):
         X, y = next(feed)
         t = time.perf_counter()
-        record = pruner.step(X, y)
+        record = pruner.run_pass(X, y)
         result.seconds += time.perf_counter() - t
-        result.records.append(record)
-        if on_step is not None:
-            on_step(record)
+        result.passes.append(record)
+        result.records.extend(record.blocks)
+        for block in record.blocks if on_step is not None else ():
+            on_step(block)
+        if on_pass is not None:
+            on_pass(record)
         if s == steps or (eval_every and s % eval_every == 0):
             score(s)
     return result

@@ -7,14 +7,17 @@ only if it does not predict a worse loss.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -22,20 +25,30 @@ from icbs_opt.backends import Backend, get_backend
 from icbs_opt.derivatives import (
     LayerTape,
     LossFn,
+    batch_loss,
     block_derivatives,
     input_column_norms,
     layer_gradients,
-    record_layer,
+    record_layers,
     wanda_scores,
 )
 from icbs_opt.errors import BackendError, PruningError
+from icbs_opt.executors import make_executor
 from icbs_opt.problems import BlockProblem
-from icbs_opt.pruning.qubo import block_qubo, solve_block_problem
+from icbs_opt.pruning.qubo import (
+    PreparedSolve,
+    block_qubo,
+    finish_solve,
+    prepare_solve,
+)
 from icbs_opt.pruning.selection import LayerSchedule, select_block
 from icbs_opt.pruning.state import LayerState, freeze, keep_top, resolve_layers
 from icbs_opt.settings import CONFIG_FIELDS, PruneConfig
 
 logger = logging.getLogger(__name__)
+
+#: Blocks of a pass built and solved together (bounds the problems held at once).
+SOLVE_CHUNK = 32
 
 
 @dataclass
@@ -60,7 +73,7 @@ class StepRecord:
     """What one block step did.
 
     Attributes:
-        step: 1-based step number of this pruner.
+        step: 1-based block number of this pruner.
         layer: Qualified name of the layer.
         n: Block size (may be smaller than ``block_size`` for a small layer).
         k: Pruned weights in the block, before and after the step.
@@ -70,7 +83,9 @@ class StepRecord:
         accepted: Whether the answer was applied (feasible, ``dl <= dl_current``,
             and different from the current mask).
         flips: Weights whose state the step changed (0 when not accepted).
-        seconds: Time split.
+        pass_number: The pass (step of :func:`prune`) the block belongs to.
+        rolled_back: Whether an accepted move was undone by the pass check.
+        seconds: Time split; a pass's shared work is split evenly over its blocks.
         solver_info: The backend's ``Solution.info``.
     """
 
@@ -78,17 +93,72 @@ class StepRecord:
     layer: str
     n: int
     k: int
+    pass_number: int = 0
     dl: float = 0.0
     dl_current: float = 0.0
     feasible: bool = True
     accepted: bool = False
     flips: int = 0
+    rolled_back: bool = False
     seconds: StepSeconds = field(default_factory=StepSeconds)
     solver_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
         return dataclasses.asdict(self)
+
+
+@dataclass
+class PassRecord:
+    """What one pass (one forward/backward and its blocks) did.
+
+    Attributes:
+        number: 1-based pass number of this pruner.
+        blocks: One :class:`StepRecord` per block.
+        loss_before: Batch loss at the start of the pass (when measured).
+        loss_after: Batch loss after the pass's moves (with ``check_pass``).
+        rolled_back: Whether the pass check undid the pass's moves.
+        seconds: ``record``, ``select``, ``qubo``, ``solve``, ``check``, ``total``.
+    """
+
+    number: int
+    blocks: list[StepRecord]
+    loss_before: float | None = None
+    loss_after: float | None = None
+    rolled_back: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        """Blocks whose move stands."""
+        return sum(r.accepted and not r.rolled_back for r in self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the blocks' records are listed separately)."""
+        return {
+            "pass": self.number,
+            "blocks": len(self.blocks),
+            "accepted": self.accepted,
+            "rolled_back": self.rolled_back,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class _Block:
+    """One block of a pass on its way through steps 2-6."""
+
+    L: LayerState
+    idx: torch.Tensor  # (n,) flat indices into the weight
+    x_cur: torch.Tensor  # (n,) bool, True = pruned now
+    record: StepRecord
+    problem: BlockProblem | None = None
+    const: float = 0.0
+    x0: np.ndarray | None = None  # (n,) int8 current mask
+    prep: PreparedSolve | None = None
+    x: np.ndarray | None = None  # (n,) int8 the solver's answer
 
 
 class Pruner:
@@ -149,23 +219,32 @@ class Pruner:
         config: PruneConfig | None = None,
         **options: Any,
     ):
-        self.config = _make_config(density, config, options)
+        self.config = cfg = _make_config(density, config, options)
         self.model, self.loss_fn = model, loss_fn
         self.backend = _make_backend(backend, backend_options)
         self.problem_hook = problem_hook
         self.calibration = calibration
-        self.rng = np.random.default_rng(self.config.seed)
-        self.steps_done = 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self.steps_done = self.passes_done = 0
         self._check_calibration()
         self._layers = {
             name: LayerState.of(name, module)
             for name, module in resolve_layers(model, layers)
         }
-        cfg = self.config
         self._schedule = LayerSchedule(
             self._layers, cfg.schedule, cfg.min_steps_per_layer, self.rng
         )
         self._initial_prune()
+        #: Where block problems are solved (see :mod:`icbs_opt.executors`).
+        self.executor = make_executor(cfg.executor, workers=cfg.workers)
+
+    @property
+    def _mbs(self) -> int | None:
+        return self.config.max_batch_size
+
+    def close(self) -> None:
+        """Release the executor (a Dask client, for one)."""
+        self.executor.close()
 
     # ----------------------------------------------------------- public API
     @property
@@ -197,110 +276,244 @@ class Pruner:
             The step's record. The model changes only if the move is accepted;
             an exception leaves it at the last accepted mask.
         """
-        sec = StepSeconds()
-        t0 = time.perf_counter()
-        # 1. pick a layer
-        L = self._layers[self._pick_layer(layer)]
-        tape = self._shared_pass(L, X, y)
-        sec.forward_backward = tape.seconds if tape is not None else 0.0
-        # 2. pick a block: k currently pruned and n - k kept free weights
-        cfg = self.config
-        scores = lambda: self._selection_scores(L, X, y, tape)  # noqa: E731
-        idx = select_block(L, scores, cfg.block_size, cfg.k)  # (n,) flat indices
-        x_cur = L.pruned[idx]  # (n,) bool, True = pruned now
-        sec.select = time.perf_counter() - t0 - sec.forward_backward
-        record = StepRecord(self.steps_done + 1, L.name, idx.numel(), int(x_cur.sum()))
-        record.seconds = sec
-        if 0 < record.k < record.n:  # else nothing can move
-            self._solve_block(L, idx, x_cur, X, y, record, tape)
-        L.push_tabu(idx)
-        self.steps_done = record.step
-        sec.total = time.perf_counter() - t0
-        logger.debug(
-            "step %d %s n=%d k=%d dL=%.3g accepted=%s",
-            record.step,
-            L.name,
-            record.n,
-            record.k,
-            record.dl,
-            record.accepted,
-        )
-        return record
+        return self.run_pass(X, y, [layer] if layer is not None else None, 1).blocks[0]
 
-    # -------------------------------------------------------------- the step
-    def _solve_block(
+    def run_pass(
         self,
-        L: LayerState,
-        idx: torch.Tensor,
-        x_cur: torch.Tensor,
         X: Any,
         y: Any,
-        record: StepRecord,
-        tape: LayerTape | None,
-    ) -> None:
-        """Steps 3-6 for the block ``idx``; fills ``record``, applies the move."""
-        cfg, sec = self.config, record.seconds
-        # 3. block gradient g (n,) and Hessian model H (n, n)
+        layers: Sequence[str] | None = None,
+        blocks: int | None = None,
+    ) -> PassRecord:
+        """One forward/backward pass feeding ``blocks`` block steps (steps 1-6).
+
+        Each block is selected, gets its own QUBO from the pass and its own
+        acceptance test, as a single step does; the problems are solved at once.
+
+        Args:
+            X: Inputs, samples on dim 0.
+            y: Targets, samples on dim 0.
+            layers: The layer of each block; None follows the schedule.
+            blocks: Blocks in the pass (None: ``blocks_per_step``).
+
+        Returns:
+            The pass's record with one :class:`StepRecord` per block. An
+            exception leaves the model at the last accepted mask.
+        """
+        t0 = time.perf_counter()
+        number = self.passes_done + 1
+        # 1. the layers of the pass, and one forward/backward recording them all
+        plan = self._plan_pass(layers, blocks or self.config.blocks_per_step)
+        tapes, loss_before = self._record(plan, X, y)
+        if self.config.check_pass and loss_before is None:
+            loss_before = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
+        t1 = time.perf_counter()
+        # 2. a block per entry: k currently pruned and n - k kept free weights
+        work = self._select_blocks(plan, tapes, X, y, number)
+        t2 = time.perf_counter()
+        # 3-4. gradient, Hessian model and QUBO; 5. solve; 6. accept each block.
+        # In chunks, so a pass of hundreds of blocks holds few problems at once.
+        qubo = solve = 0.0
+        last = {b.L.name: i for i, b in enumerate(work)}
+        for start in range(0, len(work), SOLVE_CHUNK):
+            chunk = work[start : start + SOLVE_CHUNK]
+            t = time.perf_counter()
+            for i, b in enumerate(chunk, start):
+                if 0 < b.record.k < b.record.n:  # else nothing can move
+                    self._build_problem(b, X, y, tapes.get(b.L.name))
+                if last[b.L.name] == i:  # the layer's last block: free its tape
+                    tapes.pop(b.L.name, None)
+            t3 = time.perf_counter()
+            self._solve_all(chunk)
+            for b in chunk:
+                self._accept(b)
+                b.problem = b.prep = None  # keep only the record
+            qubo, solve = qubo + t3 - t, solve + time.perf_counter() - t3
+        record = PassRecord(number, [b.record for b in work], loss_before)
+        if self.config.check_pass and record.accepted:
+            self._check_pass(record, work, X, y)
+        for b in work:
+            b.L.push_tabu(b.idx)
+        self.passes_done, self.steps_done = number, work[-1].record.step
+        t5 = time.perf_counter()
+        record.seconds = {"record": t1 - t0, "select": t2 - t1, "qubo": qubo,
+                          "solve": solve, "check": t5 - t2 - qubo - solve,
+                          "total": t5 - t0}  # fmt: skip
+        _share_seconds(work, record.seconds)
+        return record
+
+    # -------------------------------------------------------------- the pass
+    def _plan_pass(self, layers: Sequence[str] | None, count: int) -> list[LayerState]:
+        """Step 1: the layer of each block, in schedule order.
+
+        Distinct layers while ``count`` does not exceed their number; otherwise
+        each layer gets at most ``ceil(count / layers)`` blocks.
+        """
+        if layers is not None:
+            for name in layers:
+                if name not in self._layers:
+                    names = ", ".join(self._layers)
+                    raise PruningError(
+                        f"unknown layer {name!r}; this pruner prunes: {names}"
+                    )
+            return [self._layers[name] for name in layers]
+        cap = math.ceil(count / len(self._layers))
+        taken: collections.Counter = collections.Counter()
+        plan = []
+        while len(plan) < count:
+            name = self._schedule.next()
+            if taken[name] < cap:
+                taken[name] += 1
+                plan.append(self._layers[name])
+        return plan
+
+    def _record(
+        self, plan: list[LayerState], X: Any, y: Any
+    ) -> tuple[dict[str, LayerTape], float | None]:
+        """The pass's forward/backward: layer inputs and output gradients.
+
+        Recorded when the per-sample Fisher needs them and they serve more than
+        one use (gradient selection, or several blocks); otherwise each block
+        runs its own derivatives as a single step does.
+        """
+        cfg = self.config
+        if cfg.hessian != "gradient_per_sample" or (
+            cfg.selection != "gradient" and len(plan) == 1
+        ):
+            return {}, None
+        modules = list({id(L.module): L.module for L in plan}.values())
+        names = {id(L.module): L.name for L in plan}
+        tapes, loss = record_layers(
+            self.model,
+            self.loss_fn,
+            X,
+            y,
+            modules,
+            max_batch_size=cfg.max_batch_size,
+            dtype=getattr(torch, cfg.tape_dtype),
+            memory_limit=int(0.9 * psutil.virtual_memory().available),
+        )
+        return {names[id(t.module)]: t for t in tapes}, loss
+
+    def _select_blocks(
+        self,
+        plan: list[LayerState],
+        tapes: dict[str, LayerTape],
+        X: Any,
+        y: Any,
+        number: int,
+    ) -> list[_Block]:
+        """Step 2 for every block; blocks in one layer are disjoint."""
+        cfg, work = self.config, []
+        taken: dict[str, torch.Tensor] = {}
+        scores: dict[str, torch.Tensor] = {}
+        left = collections.Counter(L.name for L in plan)
+        for i, L in enumerate(plan):
+
+            def layer_scores(L: LayerState = L) -> torch.Tensor:
+                if L.name not in scores:  # once per layer and pass
+                    scores[L.name] = self._selection_scores(L, X, y, tapes.get(L.name))
+                return scores[L.name]
+
+            idx = select_block(
+                L, layer_scores, cfg.block_size, cfg.k, taken.get(L.name)
+            )
+            if L.name in taken:
+                taken[L.name][idx] = True
+            else:
+                taken[L.name] = torch.zeros_like(L.pruned)
+                taken[L.name][idx] = True
+            left[L.name] -= 1
+            if not left[L.name]:  # the layer's last block of the pass
+                scores.pop(L.name, None)
+                taken.pop(L.name)
+            x_cur = L.pruned[idx]  # (n,) bool, True = pruned now
+            step = self.steps_done + i + 1
+            record = StepRecord(step, L.name, idx.numel(), int(x_cur.sum()), number)
+            work.append(_Block(L, idx, x_cur, record))
+        return work
+
+    def _build_problem(self, b: _Block, X: Any, y: Any, tape: LayerTape | None) -> None:
+        """Steps 3-4: ``dL(x) = x^T Q x + const`` subject to ``sum(x) = k``."""
+        cfg, sec = self.config, b.record.seconds
         g, H, sec.gradient, sec.hessian = block_derivatives(
             self.model,
             self.loss_fn,
             X,
             y,
-            L.module,
-            idx,
+            b.L.module,
+            b.idx,
             cfg.hessian,
             max_batch_size=cfg.max_batch_size,
             chunk_size=cfg.hessian_chunk_size,
             tape=tape,
-        )
-        # 4. block QUBO: dL(x) = x^T Q x + const subject to sum(x) = k
+        )  # g (n,), H (n, n)
         t = time.perf_counter()
-        w0_B = L.w0[idx]  # (n,)
-        w_B = torch.where(x_cur, torch.zeros_like(w0_B), w0_B)  # (n,)
-        Q, const = block_qubo(
+        w0_B = b.L.w0[b.idx]  # (n,)
+        w_B = torch.where(b.x_cur, torch.zeros_like(w0_B), w0_B)  # (n,)
+        Q, b.const = block_qubo(
             w0_B, w_B, g, H, cfg.grad_multiplier, cfg.ridge_multiplier
         )
-        x0 = x_cur.cpu().numpy().astype(np.int8)  # (n,) the current mask, feasible
-        problem = BlockProblem(Q.cpu().numpy(), record.k)
+        b.x0 = b.x_cur.cpu().numpy().astype(np.int8)  # (n,) current mask, feasible
+        b.problem = BlockProblem(Q.cpu().numpy(), b.record.k)
         if self.problem_hook is not None:
-            self.problem_hook(_with_meta(problem, record, x0, const))
+            self.problem_hook(_with_meta(b.problem, b.record, b.x0, b.const))
         sec.q_build = time.perf_counter() - t
-        # 5. scale, cut off |Q| <= 1e-12, solve warm-started; evaluate unscaled
-        t = time.perf_counter()
-        x, record.feasible, record.solver_info = solve_block_problem(
-            problem, x0, self.backend, self.rng, remove_zero_rows=cfg.remove_zero_rows
+
+    def _solve_all(self, work: list[_Block]) -> None:
+        """Step 5: scale, warm-start and solve every block problem at once."""
+        todo = [b for b in work if b.problem is not None]
+        for b in todo:
+            b.prep = prepare_solve(
+                b.problem,  # type: ignore[arg-type]
+                b.x0,  # type: ignore[arg-type]
+                self.rng,
+                remove_zero_rows=self.config.remove_zero_rows,
+            )
+        asked = [b for b in todo if b.prep.scaled is not None]  # type: ignore[union-attr]
+        preps = [b.prep for b in asked]
+        solutions = self.executor.solve_many(
+            self.backend,
+            [p.scaled for p in preps],  # type: ignore[union-attr]
+            [p.seed for p in preps],  # type: ignore[union-attr]
+            [p.warm for p in preps],  # type: ignore[union-attr]
         )
-        sec.solve = time.perf_counter() - t
-        record.dl = problem.energy(x) + const
-        record.dl_current = problem.energy(x0) + const
-        # 6. accept only a feasible move that is not predicted worse
-        new = torch.from_numpy(x.astype(bool)).to(idx.device)  # (n,) True = pruned
-        flips = int((new != x_cur).sum())
-        if record.feasible and record.dl <= record.dl_current and flips:
-            L.pruned[idx] = new
-            L.write(idx)
-            record.accepted, record.flips = True, flips
+        answers = dict(zip(map(id, asked), solutions, strict=True))
+        for b in todo:
+            r = b.record
+            b.x, r.feasible, r.solver_info = finish_solve(
+                b.prep,
+                b.problem,
+                answers.get(id(b)),  # type: ignore[arg-type]
+            )
+            r.dl = b.problem.energy(b.x) + b.const  # type: ignore[union-attr]
+            r.dl_current = b.problem.energy(b.x0) + b.const  # type: ignore[union-attr]
 
-    def _pick_layer(self, layer: str | None) -> str:
-        if layer is None:
-            return self._schedule.next()
-        if layer not in self._layers:
-            names = ", ".join(self._layers)
-            raise PruningError(f"unknown layer {layer!r}; this pruner prunes: {names}")
-        return layer
+    def _accept(self, b: _Block) -> None:
+        """Step 6: apply a feasible move that is not predicted worse."""
+        if b.x is None:
+            return
+        r = b.record
+        new = torch.from_numpy(b.x.astype(bool)).to(b.idx.device)  # (n,) pruned
+        flips = int((new != b.x_cur).sum())
+        if r.feasible and r.dl <= r.dl_current and flips:
+            b.L.pruned[b.idx] = new
+            b.L.write(b.idx)
+            r.accepted, r.flips = True, flips
 
-    def _shared_pass(self, L: LayerState, X: Any, y: Any) -> LayerTape | None:
-        """One forward/backward for both gradient selection and per-sample Fisher.
-
-        Both need the layer's inputs and output gradients on the same batch; the
-        tape keeps them so the step runs the model once instead of twice.
-        """
-        cfg = self.config
-        if cfg.selection != "gradient" or cfg.hessian != "gradient_per_sample":
-            return None
-        return record_layer(
-            self.model, self.loss_fn, X, y, L.module, max_batch_size=cfg.max_batch_size
-        )
+    def _check_pass(
+        self, record: PassRecord, work: list[_Block], X: Any, y: Any
+    ) -> None:
+        """Undo the pass's moves if the batch loss rose over the pass."""
+        record.loss_after = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
+        if record.loss_after <= record.loss_before:  # type: ignore[operator]
+            return
+        for b in reversed(work):
+            if b.record.accepted:
+                b.L.pruned[b.idx] = b.x_cur
+                b.L.write(b.idx)
+                b.record.rolled_back = True
+        record.rolled_back = True
 
     def _selection_scores(
         self, L: LayerState, X: Any, y: Any, tape: LayerTape | None
@@ -317,12 +530,7 @@ class Pruner:
             grad = tape.gradient()
         else:
             (grad,) = layer_gradients(
-                self.model,
-                self.loss_fn,
-                X,
-                y,
-                [L.module],
-                max_batch_size=self.config.max_batch_size,
+                self.model, self.loss_fn, X, y, [L.module], max_batch_size=self._mbs
             )
         return (L.w0 * grad.reshape(-1)).abs().to(torch.float64)
 
@@ -421,6 +629,16 @@ def _make_backend(backend: str | Backend, options: Mapping[str, Any] | None) -> 
             )
         return backend
     return get_backend(backend, **dict(options or {}))
+
+
+def _share_seconds(work: list[_Block], seconds: dict[str, float]) -> None:
+    """Give each block an even share of the pass's recording and solving time."""
+    for b in work:
+        sec = b.record.seconds
+        sec.forward_backward = seconds["record"] / len(work)
+        sec.select = seconds["select"] / len(work)
+        sec.solve = seconds["solve"] / len(work)
+        sec.total = seconds["total"] / len(work)
 
 
 def _with_meta(

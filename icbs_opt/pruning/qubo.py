@@ -1,4 +1,4 @@
-"""The block QUBO (DESIGN.md section 1, steps 4-5): build it, then solve it.
+"""The block QUBO (DESIGN.md section 1, steps 4-5): build it, then prepare its solve.
 
 ``x_i = 1`` means weight i of the block is pruned after the step. The weight change
 is ``delta = -(dw + W0 x)`` with ``dw = w - w0``; the second-order loss change
@@ -8,12 +8,13 @@ is ``delta = -(dw + W0 x)`` with ``dw = w - w0``; the second-order loss change
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from icbs_opt.backends import Backend
+from icbs_opt.backends import Solution
 from icbs_opt.problems import BlockProblem
 
 
@@ -51,24 +52,38 @@ def block_qubo(
     return Q, float(const)
 
 
-def solve_block_problem(
+@dataclass
+class PreparedSolve:
+    """A block problem made ready for a backend (DESIGN step 5).
+
+    Attributes:
+        x: ``(n,)`` int8 answer so far (zero rows already pruned).
+        rest: Indices of the variables left to the backend.
+        scaled: The scaled problem over ``rest``; None when nothing is left to
+            choose (k = 0 or k = n after removing zero rows).
+        warm: Feasible warm start of ``scaled``.
+        seed: The backend's seed.
+    """
+
+    x: np.ndarray
+    rest: np.ndarray
+    scaled: BlockProblem | None = None
+    warm: np.ndarray | None = None
+    seed: int | None = None
+
+
+def prepare_solve(
     problem: BlockProblem,
     x0: np.ndarray,
-    backend: Backend,
     rng: np.random.Generator,
     *,
     remove_zero_rows: bool = False,
-) -> tuple[np.ndarray, bool, dict[str, Any]]:
-    """Solve the scaled problem warm-started at ``x0`` (DESIGN step 5).
-
-    The backend's seed is drawn from ``rng`` only when the backend is called.
+) -> PreparedSolve:
+    """Scale the problem and warm-start it at ``x0`` (the current mask).
 
     With ``remove_zero_rows``, variables whose Q row is all zero are pruned first
-    (pruning them changes nothing) and the rest is solved with a smaller k.
-
-    Returns:
-        ``x`` ``(n,)`` int8 on the whole block, whether it is feasible, and the
-        backend's info.
+    (pruning them changes nothing) and the rest keeps a smaller k. The backend's
+    seed is drawn from ``rng`` only when a backend is needed.
     """
     x = np.zeros(problem.n, dtype=np.int8)
     rest, k = np.arange(problem.n), problem.k
@@ -80,7 +95,7 @@ def solve_block_problem(
         rest = np.flatnonzero(~zero)
     if k == 0 or k == rest.size:
         x[rest] = 1 if k else 0
-        return x, problem.is_feasible(x), {}
+        return PreparedSolve(x, rest)
     sub = (
         problem
         if rest.size == problem.n
@@ -90,6 +105,16 @@ def solve_block_problem(
     warm = x0[rest]
     if int(warm.sum()) != k:
         warm = scaled.repair(warm)
-    sol = backend.solve(scaled, seed=int(rng.integers(2**31)), x0=warm)
-    x[rest] = sol.x
-    return x, bool(sol.feasible) and problem.is_feasible(x), dict(sol.info)
+    return PreparedSolve(x, rest, scaled, warm, int(rng.integers(2**31)))
+
+
+def finish_solve(
+    prep: PreparedSolve, problem: BlockProblem, solution: Solution | None
+) -> tuple[np.ndarray, bool, dict[str, Any]]:
+    """The answer on the whole block, whether it is feasible, and the info."""
+    x = prep.x.copy()
+    if solution is None:
+        return x, problem.is_feasible(x), {}
+    x[prep.rest] = solution.x
+    feasible = bool(solution.feasible) and problem.is_feasible(x)
+    return x, feasible, dict(solution.info)

@@ -54,6 +54,7 @@ def select_block(
     scores: Callable[[], torch.Tensor],
     block_size: int,
     k: int,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step 2: flat indices of a block of k pruned and n - k kept free weights.
 
@@ -61,12 +62,13 @@ def select_block(
         (the likeliest to be mislabelled) are taken first; tabu weights are passed
         over, and a side with too few other candidates is topped up with its tabu
         weights. A layer with at most ``block_size`` free weights gives all of them
-    (and ``scores`` is not called).
+    (and ``scores`` is not called). Weights in ``exclude`` (a bool mask, e.g.
+    another block of the same pass) are treated as frozen.
 
     Returns:
         ``(n,)`` sorted flat indices into the weight.
     """
-    free = ~L.frozen
+    free = ~L.frozen if exclude is None else ~(L.frozen | exclude)
     if int(free.sum()) <= block_size:
         return torch.nonzero(free).squeeze(1)
     cand_p = torch.nonzero(free & L.pruned).squeeze(1)

@@ -185,12 +185,31 @@ def top(
 ) -> torch.Tensor:
     """The ``count`` candidates with the largest (or smallest) scores.
 
-    Candidates in ``tabu`` (a bool mask over all weights) come last.
+    Candidates in ``tabu`` (a bool mask over all weights) come last; among equal
+    scores the earlier candidate wins (the set a stable sort would give).
     """
-    order = torch.argsort(scores[cand], descending=largest, stable=True)
-    if tabu is not None:
-        order = order[torch.argsort(tabu[cand][order].to(torch.uint8), stable=True)]
-    return cand[order[:count]]
+    if tabu is None:
+        return _top_set(cand, scores[cand], count, largest)
+    is_tabu = tabu[cand]
+    free = _top_set(cand[~is_tabu], scores[cand[~is_tabu]], count, largest)
+    rest = count - free.numel()
+    taken = _top_set(cand[is_tabu], scores[cand[is_tabu]], rest, largest)
+    return torch.cat([free, taken])
+
+
+def _top_set(
+    cand: torch.Tensor, s: torch.Tensor, count: int, largest: bool
+) -> torch.Tensor:
+    """``count`` of ``cand`` by score ``s``, ties to the earlier (unordered)."""
+    if count <= 0:
+        return cand[:0]
+    if count >= cand.numel():
+        return cand
+    kth = torch.topk(s, count, largest=largest, sorted=False).values
+    kth = kth.max() if not largest else kth.min()  # the count-th best score
+    better = s > kth if largest else s < kth
+    ties = torch.nonzero(s == kth).squeeze(1)[: count - int(better.sum())]
+    return torch.cat([cand[better], cand[ties]])
 
 
 def freeze(

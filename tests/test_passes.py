@@ -1,0 +1,221 @@
+"""Many blocks per pass: one recording engine, one pass feeding M blocks."""
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icbs_opt.derivatives import record_layers
+from icbs_opt.errors import PruningError
+from icbs_opt.executors import make_executor
+from icbs_opt.pruning import PruneConfig, Pruner, prune
+
+PAPER = {
+    "selection": "gradient",
+    "hessian": "gradient_per_sample",
+    "grad_multiplier": 0.75,
+    "ridge_multiplier": 1e-3,
+    "tabu_frac": 0.4,
+    "fix_frac_prune": 0.42,
+    "fix_frac_keep": 0.35,
+}
+
+#: Masks of version 0.1.0 (commit 44b24ac, before passes existed) after 15 steps
+#: of each setting below on the exhaustive backend: M = 1 must reproduce them.
+GOLDEN = {
+    "paper": ({**PAPER}, "23a4a756bc02ab02"),
+    "random": ({"selection": "random"}, "70ecd6af09e95392"),
+    "magnitude_log": (
+        {"selection": "magnitude", "tabu_frac": 0.3, "schedule": "log"},
+        "208c9a5f9d15e88d",
+    ),
+    "wanda": (
+        {"init": "wanda_per_output", "selection": "wanda", "max_batch_size": 7},
+        "39c42a2ca55e6c34",
+    ),
+    "gradient_mbs": (
+        {"selection": "gradient", "max_batch_size": 7, "init": "gradient"},
+        "9488b66ee7c6e4e9",
+    ),
+    "mean": ({"selection": "gradient", "hessian": "gradient_mean"}, "402d09820964ec87"),
+}
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 10, generator=g)
+    y = torch.randint(0, 4, (60,), generator=g)
+    return X, y
+
+
+def mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)
+    )
+
+
+def loss(m, X, y):
+    return F.cross_entropy(m(X), y)
+
+
+def mask_hash(pruner):
+    h = hashlib.sha256()
+    for name, keep in pruner.masks().items():
+        h.update(name.encode())
+        h.update(keep.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run(steps=15, **options):
+    X, y = data()
+    batches = [(X[i : i + 20], y[i : i + 20]) for i in range(0, 60, 20)]
+    pruner = Pruner(
+        mlp(),
+        loss,
+        0.4,
+        "exhaustive",
+        block_size=12,
+        calibration=(X, y),
+        seed=3,
+        **options,
+    )
+    return pruner, prune(pruner, batches, steps)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_one_block_per_pass_reproduces_the_masks_of_0_1_0(name):
+    options, expected = GOLDEN[name]
+    pruner, result = run(**options)
+    assert mask_hash(pruner) == expected
+    assert len(result.records) == len(result.passes) == 15
+    assert [r.pass_number for r in result.records] == list(range(1, 16))
+
+
+def test_a_pass_feeds_m_blocks_in_distinct_layers():
+    pruner, result = run(steps=4, blocks_per_step=3, **PAPER)
+    assert len(result.passes) == 4 and len(result.records) == 12
+    for p in result.passes:
+        assert sorted(r.layer for r in p.blocks) == ["0", "2", "4"]
+        assert set(p.seconds) == {"record", "select", "qubo", "solve", "check", "total"}
+        assert p.accepted == sum(r.accepted for r in p.blocks)
+    assert [r.step for r in result.records] == list(range(1, 13))
+    for keep in pruner.masks().values():  # every block kept its k
+        assert int(keep.sum()) == round(0.4 * keep.numel())
+
+
+def test_more_blocks_than_layers_gives_disjoint_blocks_per_layer():
+    seen = []
+
+    def hook(problem):
+        seen.append((problem.meta["layer"], problem.meta["step"]))
+
+    X, y = data()
+    pruner = Pruner(
+        mlp(), loss, 0.4, "exhaustive", block_size=8, calibration=(X, y),
+        problem_hook=hook, **{**PAPER, "tabu_frac": 0.0, "fix_frac_prune": 0.0,
+                              "fix_frac_keep": 0.0},
+    )  # fmt: skip
+    record = pruner.run_pass(X, y, blocks=7)
+    layers = [r.layer for r in record.blocks]
+    assert len(layers) == 7 and set(layers) == {"0", "2", "4"}
+    assert max(layers.count(name) for name in "024") <= 3  # ceil(7 / 3) each
+    assert len(seen) == sum(0 < r.k < r.n for r in record.blocks)
+
+
+def test_pass_blocks_in_one_layer_are_disjoint():
+    X, y = data()
+    pruner = Pruner(mlp(), loss, 0.4, "exhaustive", block_size=8, calibration=(X, y))
+    work = pruner._select_blocks([pruner._layers["0"]] * 3, {}, X, y, 1)
+    chosen = [set(b.idx.tolist()) for b in work]
+    assert all(len(c) == 8 for c in chosen)
+    assert not (chosen[0] & chosen[1]) and not (chosen[1] & chosen[2])
+
+
+def test_serial_threads_and_a_cluster_give_the_same_masks():
+    distributed = pytest.importorskip("distributed")
+    hashes = []
+    with distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    ) as cluster:
+        address = cluster.scheduler_address.replace("tcp://", "dask://")
+        for executor, workers in ((None, 1), ("threads", 2), (address, None)):
+            pruner, _ = run(
+                steps=3, blocks_per_step=3, executor=executor, workers=workers,
+                **PAPER,
+            )  # fmt: skip
+            hashes.append(mask_hash(pruner))
+            pruner.close()
+    assert hashes[0] == hashes[1] == hashes[2]
+
+
+def test_check_pass_undoes_a_pass_that_raised_the_batch_loss():
+    pruner, result = run(steps=6, blocks_per_step=3, check_pass=True, **PAPER)
+    for p in result.passes:
+        assert p.loss_before is not None and p.loss_after is not None
+        if p.rolled_back:
+            assert p.loss_after > p.loss_before and p.accepted == 0
+        else:
+            assert p.loss_after <= p.loss_before
+    assert result.accepted == sum(p.accepted for p in result.passes)
+
+
+def test_tapes_share_inputs_and_match_single_layer_recording():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    heads = nn.ModuleList([nn.Linear(6, 3), nn.Linear(6, 3)])
+
+    def fn(m, X, y):  # both heads read the same input tensor
+        h = lin(X)
+        return F.mse_loss(heads[0](h) + heads[1](h), y)
+
+    X, y = torch.randn(9, 6), torch.randn(9, 3)
+    tapes, batch = record_layers(None, fn, X, y, [lin, *heads], max_batch_size=4)
+    assert batch == pytest.approx(float(fn(None, X, y).detach()), rel=1e-6)
+    assert tapes[1].xs[0].data_ptr() == tapes[2].xs[0].data_ptr()  # shared storage
+    for module, tape in zip([lin, *heads], tapes, strict=True):
+        (alone,), _ = record_layers(None, fn, X, y, [module], max_batch_size=4)
+        idx = torch.arange(module.weight.numel())
+        assert torch.equal(tape.per_sample_block_gradients(idx),
+                           alone.per_sample_block_gradients(idx))  # fmt: skip
+        (w,) = torch.autograd.grad(fn(None, X, y), module.weight)
+        torch.testing.assert_close(tape.gradient(), w, rtol=1e-5, atol=1e-7)
+    half, _ = record_layers(None, fn, X, y, heads, dtype=torch.bfloat16)
+    assert half[0].xs[0].dtype == torch.bfloat16
+    assert half[0].nbytes() * 2 == tapes[1].nbytes()  # half the memory
+
+
+def test_memory_guard_refuses_a_pass_that_would_not_fit():
+    X, y = data()
+    model = mlp()
+    with pytest.raises(PruningError, match=r"needs about .* GiB, more than the .*"
+                       r"--blocks-per-step.*--tape-dtype bfloat16"):  # fmt: skip
+        record_layers(model, loss, X, y, [model[0], model[2]], max_batch_size=10,
+                      memory_limit=1000)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"blocks_per_step": 0}, "blocks_per_step must be an integer >= 1, got 0"),
+        ({"workers": 0}, "workers must be an integer >= 1, got 0"),
+        ({"tape_dtype": "float16"}, "tape_dtype must be one of float32, bfloat16"),
+        ({"check_pass": "yes"}, "check_pass must be True or False"),
+        ({"executor": 3}, "executor must be a string, got 3"),
+    ],
+)
+def test_bad_pass_settings(options, match):
+    with pytest.raises(PruningError, match=match):
+        PruneConfig(density=0.5, **options)
+
+
+def test_unknown_executor_is_refused_before_work():
+    with pytest.raises(ValueError, match="nowhere"):
+        make_executor("nowhere://x")
