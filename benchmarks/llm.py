@@ -23,7 +23,8 @@ Prints the tables and the mean per-step time split; ``--json`` keeps everything.
     python benchmarks/llm.py --steps 300 --eval-every 50 --icbs-densities 0.5 0.7
     python benchmarks/llm.py --steps 0 --densities 0.5 0.7    # baselines only
     python benchmarks/llm.py --densities --blocks-per-step 210 64 16 1 \
-        --steps 1000 --max-minutes 30 --eval-every 4      # issue 10's curves
+        --steps 1000 --max-minutes 30 6 6 5 --eval-every 2 4 8 1000 \
+        --tape-dtype bfloat16 float32 float32 float32    # issue 10's curves
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def make_pruner(task, density: float, init: str, args, blocks: int = 1) -> Prune
         max_batch_size=args.max_batch_size,
         seed=args.seed,
         blocks_per_step=blocks,
-        tape_dtype=args.tape_dtype,
+        tape_dtype=args.tape_dtype_now,
         check_pass=args.check_pass,
     )
     return Pruner(
@@ -107,8 +108,8 @@ def icbs(task, density: float, blocks: int, args, save=lambda run: None) -> dict
         record = pruner.run_pass(X, y)
         seconds += record.seconds["total"]
         passes.append(record.to_dict())
-        out_of_time = seconds > 60 * args.max_minutes
-        if s == args.steps or s % args.eval_every == 0 or out_of_time:
+        out_of_time = seconds > 60 * args.max_minutes_now
+        if s == args.steps or s % args.eval_every_now == 0 or out_of_time:
             ppl, eval_seconds = evaluate(task)
             done = sum(p["blocks"] for p in passes)
             accepted = sum(p["accepted"] for p in passes)
@@ -124,7 +125,7 @@ def icbs(task, density: float, blocks: int, args, save=lambda run: None) -> dict
             )
             save({**run, "passes": passes})
         if out_of_time:
-            print(f"  stopped: pruning time passed --max-minutes {args.max_minutes}")
+            print(f"  stopped: pruning time passed {args.max_minutes_now} minutes")
             break
     pruner.close()
     split = {p: float(np.mean([r["seconds"][p] for r in passes])) for p in PHASES}
@@ -140,10 +141,10 @@ def main() -> None:
     p.add_argument("--icbs-densities", type=float, nargs="*", default=[0.5])
     p.add_argument("--steps", type=int, default=PRESET.run.steps, help="passes")
     p.add_argument("--blocks-per-step", type=int, nargs="+", default=[1])
-    p.add_argument("--tape-dtype", default=PRESET.config.tape_dtype)
+    p.add_argument("--tape-dtype", nargs="+", default=[PRESET.config.tape_dtype])
     p.add_argument("--check-pass", action="store_true")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--max-minutes", type=float, default=float("inf"))
+    p.add_argument("--eval-every", type=int, nargs="+", default=[50])
+    p.add_argument("--max-minutes", type=float, nargs="+", default=[float("inf")])
     p.add_argument("--block-size", type=int, default=PRESET.config.block_size)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batch-size", type=int, default=PRESET.config.max_batch_size)
@@ -186,7 +187,7 @@ def main() -> None:
         "eval_seconds": eval_seconds,
         "baselines": [],
         "icbs": [],
-        "settings": {**vars(args), "max_minutes": str(args.max_minutes)},
+        "settings": {**vars(args), "max_minutes": [str(m) for m in args.max_minutes]},
         "preset": PRESET.to_dict(),
         "task_info": task.info,
         "threads": torch.get_num_threads(),
@@ -199,13 +200,26 @@ def main() -> None:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(partial, f, indent=2)
 
+    args.tape_dtype_now = args.tape_dtype[0]  # baselines record no tape
     for density in args.densities:
         print(f"one-shot, density {density}:", flush=True)
         for init in ("magnitude", "wanda_per_output"):
             report["baselines"].append(baseline(task, density, init, args))
             restore()
+    per_m = {  # one value for every M, or one per --blocks-per-step entry
+        key: dict.fromkeys(args.blocks_per_step, values[0])
+        if len(values) == 1
+        else dict(zip(args.blocks_per_step, values, strict=True))
+        for key, values in (
+            ("eval_every", args.eval_every),
+            ("max_minutes", args.max_minutes),
+            ("tape_dtype", args.tape_dtype),
+        )
+    }
     runs = [(d, m) for d in args.icbs_densities for m in args.blocks_per_step]
     for density, blocks in runs if args.steps > 0 else ():
+        for key, values in per_m.items():
+            setattr(args, key.replace("-", "_") + "_now", values[blocks])
         print(
             f"iCBS from {PRESET.config.init}, density {density}, {blocks} block(s) "
             f"of {args.block_size} per pass, at most {args.steps} passes:",

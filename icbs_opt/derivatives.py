@@ -272,7 +272,9 @@ def record_layers(
         with _requires_grad([m.weight for m in modules]):
             for i, (Xb, yb) in enumerate(chunks):
                 loss = _scalar_loss(loss_fn, model, Xb, yb)
-                recorder.backward(loss, len(Xb))
+                if not recorder.backward(loss, len(Xb)):  # again, outputs copied
+                    loss = _scalar_loss(loss_fn, model, Xb, yb)
+                    recorder.backward(loss, len(Xb))
                 loss_sum += float(loss.detach()) * len(Xb)
                 if i == 0 and memory_limit is not None:
                     _check_memory(tapes.values(), len(chunks), memory_limit)
@@ -297,8 +299,9 @@ class _Recorder:
 
     def __init__(self, tapes: dict[int, LayerTape], dtype: torch.dtype | None):
         self.tapes, self.dtype = tapes, dtype
-        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = []
         self.shared: dict[int, torch.Tensor] = {}  # id(input) -> stored rows
+        self.copy_outputs = False  # set once an output was changed in place
 
     def hook(
         self, mod: nn.Module, inputs: tuple, out: torch.Tensor
@@ -313,17 +316,26 @@ class _Recorder:
             rows = layer_inputs(mod, x).to(dtype)  # a view when dtype matches
             if isinstance(mod, nn.Linear):
                 self.shared[key] = rows
-        self.calls.append((mod, rows, out))
-        # The model goes on with a copy: an in-place op after the layer (ReLU with
-        # inplace=True) then leaves ``out``, whose gradient is asked for, intact.
-        return out.clone()
+        self.calls.append((mod, rows, out, out._version))
+        # An in-place op after the layer (ReLU with inplace=True) would change
+        # ``out``, whose gradient is asked for: the model then goes on with a copy.
+        return out.clone() if self.copy_outputs else None
 
-    def backward(self, loss: torch.Tensor, b: int) -> None:
-        """Gradients of ``loss`` w.r.t. the recorded outputs, onto the tapes."""
-        outs = [out for _, _, out in self.calls]
+    def backward(self, loss: torch.Tensor, b: int) -> bool:
+        """Gradients of ``loss`` w.r.t. the recorded outputs, onto the tapes.
+
+        Returns False, recording nothing, if an output was changed in place since
+        its layer ran; the sub-batch must then run again (outputs are copied).
+        """
+        if any(out._version != v for _, _, out, v in self.calls):
+            self.calls.clear()
+            self.shared.clear()
+            self.copy_outputs = True
+            return False
+        outs = [out for _, _, out, _ in self.calls]
         grads = torch.autograd.grad(loss, outs, allow_unused=True)
         per_module: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for (mod, x, out), g in zip(self.calls, grads, strict=True):
+        for (mod, x, out, _), g in zip(self.calls, grads, strict=True):
             g = torch.zeros_like(out) if g is None else g
             # the loss is a mean over the b samples: scale to per-sample
             d = (_wide(layer_output_grads(mod, g)) * b).to(x.dtype)
@@ -335,6 +347,7 @@ class _Recorder:
             tape.deltas.append(ds[0] if len(ds) == 1 else torch.cat(ds, 1))
         self.calls.clear()
         self.shared.clear()
+        return True
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

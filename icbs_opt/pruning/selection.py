@@ -75,7 +75,7 @@ def select_block(
     cand_k = torch.nonzero(free & ~L.pruned).squeeze(1)
     n_p = max(min(k, cand_p.numel()), block_size - cand_k.numel())
     S = scores()  # (numel,)
-    tabu = L.tabu_count > 0  # (numel,) bool
+    tabu = L.tabu_mask()  # (numel,) bool
     pick_p = top(cand_p, S, tabu, n_p, largest=True)  # likeliest wrong
     pick_k = top(cand_k, S, tabu, block_size - n_p, largest=False)
     return torch.sort(torch.cat([pick_p, pick_k])).values

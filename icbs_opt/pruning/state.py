@@ -33,9 +33,9 @@ class LayerState:
         pruned: ``(numel,)`` bool, True = pruned.
         frozen: ``(numel,)`` bool, weights no step may move.
         static_scores: ``(numel,)`` scores for ``wanda`` selection, else None.
-        tabu: FIFO of recently used flat indices (at most ``tabu_cap``).
-        tabu_count: ``(numel,)`` int32, how often each index sits in the FIFO.
-        tabu_cap: Capacity of the FIFO (0: no tabu list).
+        tabu: FIFO of the index tensors of recent blocks, oldest first, holding
+            at most ``tabu_cap`` indices (the oldest block is cut to fit).
+        tabu_cap: Capacity of the FIFO in indices (0: no tabu list).
     """
 
     name: str
@@ -45,7 +45,6 @@ class LayerState:
     frozen: torch.Tensor
     static_scores: torch.Tensor | None = None
     tabu: collections.deque = field(default_factory=collections.deque)
-    tabu_count: torch.Tensor | None = None
     tabu_cap: int = 0
 
     @classmethod
@@ -86,20 +85,25 @@ class LayerState:
             cap = 0
         self.tabu_cap = cap
         self.tabu = collections.deque()
-        self.tabu_count = torch.zeros_like(self.pruned, dtype=torch.int32)
 
     def push_tabu(self, idx: torch.Tensor) -> None:
         """Append a block's indices to the FIFO, expiring the oldest."""
         if not self.tabu_cap:
             return
-        ones = torch.ones_like(idx, dtype=torch.int32)
-        self.tabu.extend(idx.tolist())
-        self.tabu_count.index_add_(0, idx, ones)  # type: ignore[union-attr]
-        expired = [self.tabu.popleft() for _ in range(len(self.tabu) - self.tabu_cap)]
-        if expired:  # an index may sit in the FIFO more than once: count them
-            gone = torch.tensor(expired, device=idx.device)
-            minus = -torch.ones_like(gone, dtype=torch.int32)
-            self.tabu_count.index_add_(0, gone, minus)  # type: ignore[union-attr]
+        self.tabu.append(idx.to(torch.int32))
+        excess = sum(t.numel() for t in self.tabu) - self.tabu_cap
+        while excess > 0:
+            oldest = self.tabu.popleft()
+            if oldest.numel() > excess:  # keep the oldest block's newer part
+                self.tabu.appendleft(oldest[excess:])
+            excess -= oldest.numel()
+
+    def tabu_mask(self) -> torch.Tensor:
+        """``(numel,)`` bool: the weights in the FIFO."""
+        mask = torch.zeros_like(self.pruned)
+        if self.tabu:
+            mask[torch.cat(list(self.tabu)).long()] = True
+        return mask
 
 
 def resolve_layers(
