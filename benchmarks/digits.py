@@ -5,12 +5,15 @@ digits-mlp``: density 0.1, blocks of 256, the paper's classifier settings, one t
 thread) from magnitude, wanda and gradient inits to ``--steps`` steps, evaluating
 every ``--eval-every`` steps, and prints: the accuracy-vs-steps curve per init, the
 time to reach each point (pruning only, evaluations excluded), and the mean
-per-step time split. ``--density``, ``--block-size`` and ``--threads`` replace
-single fields of the preset.
+per-step time split. ``--density``, ``--block-size``, ``--threads``,
+``--blocks-per-step`` (a step is then a pass of M blocks) and ``--check-pass``
+replace single fields of the preset.
 
     python benchmarks/digits.py                       # the full table, native
     python benchmarks/digits.py --steps 300 --inits magnitude --seeds 0,1,2
     python benchmarks/digits.py --steps 4 --eval-every 2 --inits magnitude  # smoke
+    python benchmarks/digits.py --steps 100 --eval-every 25 --blocks-per-step 3 \
+        --inits magnitude --seeds 0,1,2         # 300 blocks, three per pass
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ def run(init: str, seed: int, args: argparse.Namespace) -> dict:
     task = get_task("digits-mlp")
     dense = task.evaluate(task.model)["metric"]
     config = PRESET.replace(
-        density=args.density, block_size=args.block_size, init=init, seed=seed
+        density=args.density,
+        block_size=args.block_size,
+        init=init,
+        seed=seed,
+        blocks_per_step=args.blocks_per_step,
+        check_pass=args.check_pass,
     ).config
     start = time.perf_counter()
     pruner = Pruner(
@@ -73,6 +81,8 @@ def run(init: str, seed: int, args: argparse.Namespace) -> dict:
         "init_seconds": init_seconds,
         "history": result.history,
         "accepted": result.accepted,
+        "blocks": len(result.records),
+        "rolled_back_passes": sum(p.rolled_back for p in result.passes),
         "ms_per_step": split,
         "density": pruner.density(),
     }
@@ -88,6 +98,8 @@ def main() -> None:
     parser.add_argument("--inits", default="magnitude,wanda,gradient")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=PRESET.run.threads)
+    parser.add_argument("--blocks-per-step", type=int, default=1, help="M")
+    parser.add_argument("--check-pass", action="store_true")
     parser.add_argument("--json", help="also write all runs to this file")
     args = parser.parse_args()
     if args.threads is not None:
@@ -98,6 +110,7 @@ def main() -> None:
         for seed in args.seeds.split(",")
     ]
     print(
+        f"{args.blocks_per_step} block(s) per step (pass); "
         f"dense accuracy {runs[0]['dense']:.2f}%, backend {args.backend}, "
         f"{torch.get_num_threads()} torch thread(s), "
         f"load average {os.getloadavg()[0]:.1f}"
@@ -120,9 +133,8 @@ def main() -> None:
     for r in runs:
         cells = [f"{r['ms_per_step'][p]:.1f}" for p in PHASES]
         print(
-            f"| {r['init']} | {r['seed']} | {r['accepted']}/{args.steps} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {r['init']} | {r['seed']} | {r['accepted']}/{r['blocks']} "
+            f"({r['rolled_back_passes']} passes undone) | " + " | ".join(cells) + " |"
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -24,7 +24,7 @@ Prints the tables and the mean per-step time split; ``--json`` keeps everything.
     python benchmarks/llm.py --steps 0 --densities 0.5 0.7    # baselines only
     python benchmarks/llm.py --densities --blocks-per-step 210 64 16 1 \
         --steps 1000 --max-minutes 30 6 6 5 --eval-every 2 4 8 1000 \
-        --tape-dtype bfloat16 float32 float32 float32    # issue 10's curves
+        --tape-dtype bfloat16 float32 float32 float32 --check-pass 210
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def make_pruner(task, density: float, init: str, args, blocks: int = 1) -> Prune
         seed=args.seed,
         blocks_per_step=blocks,
         tape_dtype=args.tape_dtype_now,
-        check_pass=args.check_pass,
+        check_pass=blocks in args.check_pass,
     )
     return Pruner(
         task.model,
@@ -142,7 +142,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=PRESET.run.steps, help="passes")
     p.add_argument("--blocks-per-step", type=int, nargs="+", default=[1])
     p.add_argument("--tape-dtype", nargs="+", default=[PRESET.config.tape_dtype])
-    p.add_argument("--check-pass", action="store_true")
+    p.add_argument(
+        "--check-pass",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="M",
+        help="the --blocks-per-step values run with the pass check",
+    )
     p.add_argument("--eval-every", type=int, nargs="+", default=[50])
     p.add_argument("--max-minutes", type=float, nargs="+", default=[float("inf")])
     p.add_argument("--block-size", type=int, default=PRESET.config.block_size)

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from icbs_opt.derivatives import record_layer
+from icbs_opt.derivatives import record_layers
 from icbs_opt.tasks.causal_lm import causal_lm_loss, load_smollm2
 
 
@@ -81,8 +81,8 @@ def main() -> None:
     ):
         module = blocks[b].get_submodule(name)
         with FlopCounterMode(display=False) as counter:
-            record_layer(model, causal_lm_loss, X, X, module)
-        tape = record_layer(model, causal_lm_loss, X, X, module)  # timed alone
+            record_layers(model, causal_lm_loss, X, X, [module])
+        (tape,), _ = record_layers(model, causal_lm_loss, X, X, [module])  # timed
         mm = counter.get_total_flops() * windows  # one window counted, scaled
         attn = attention_flops(cfg, windows, seq, n - after, False)
         attn += attention_flops(cfg, windows, seq, after, True)

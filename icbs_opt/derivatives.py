@@ -251,15 +251,14 @@ def record_layers(
         max_batch_size: Largest sub-batch per forward/backward (None: whole batch).
         dtype: Storage dtype of the tapes (None: at least float32); ``bfloat16``
             halves their memory, products are still taken in float32.
-        memory_limit: Bytes the tapes may take; after the first sub-batch the
-            whole batch's need is estimated and a larger one refused.
+        memory_limit: Bytes the tapes may take, checked on an estimate after the
+            first sub-batch.
 
     Returns:
         One :class:`LayerTape` per module and the batch's mean loss.
 
     Raises:
-        PruningError: If a module is never called, or the tapes would need more
-            than ``memory_limit`` bytes.
+        PruningError: If a module is never called or the tapes would not fit.
     """
     for m in modules:
         check_prunable(m)
@@ -284,14 +283,17 @@ def record_layers(
         recorder.calls.clear()
     seconds = time.perf_counter() - start
     for tape in tapes.values():
-        if not tape.xs:
-            w = tape.module.weight
-            raise PruningError(
-                f"the forward pass never called layer {type(tape.module).__name__}"
-                f" {tuple(w.shape)}; is it part of the model?"
-            )
+        _check_called(tape.module, bool(tape.xs), "forward")
         tape.seconds = seconds
     return list(tapes.values()), loss_sum / len(X)
+
+
+def _check_called(module: nn.Module, called: bool, what: str) -> None:
+    if not called:
+        raise PruningError(
+            f"the {what} pass never called layer {type(module).__name__}"
+            f" {tuple(module.weight.shape)}; is it part of the model?"
+        )
 
 
 class _Recorder:
@@ -300,7 +302,7 @@ class _Recorder:
     def __init__(self, tapes: dict[int, LayerTape], dtype: torch.dtype | None):
         self.tapes, self.dtype = tapes, dtype
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = []
-        self.shared: dict[int, torch.Tensor] = {}  # id(input) -> stored rows
+        self.shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by id
         self.copy_outputs = False  # set once an output was changed in place
 
     def hook(
@@ -311,11 +313,11 @@ class _Recorder:
         x = inputs[0].detach()
         dtype = self.dtype or torch.promote_types(x.dtype, torch.float32)
         key = id(inputs[0])
-        rows = self.shared.get(key) if isinstance(mod, nn.Linear) else None
-        if rows is None:
-            rows = layer_inputs(mod, x).to(dtype)  # a view when dtype matches
-            if isinstance(mod, nn.Linear):
-                self.shared[key] = rows
+        held = self.shared.get(key) if isinstance(mod, nn.Linear) else None
+        rows = held[1] if held is not None else layer_inputs(mod, x).to(dtype)
+        if held is None and isinstance(mod, nn.Linear):
+            # the input is held too: while it lives, no other tensor takes its id
+            self.shared[key] = (inputs[0], rows)
         self.calls.append((mod, rows, out, out._version))
         # An in-place op after the layer (ReLU with inplace=True) would change
         # ``out``, whose gradient is asked for: the model then goes on with a copy.
@@ -561,15 +563,9 @@ def input_column_norms(
     finally:
         for h in handles:
             h.remove()
-    out = []
     for m in modules:
-        if id(m) not in sums:
-            raise PruningError(
-                f"the calibration forward pass never called layer {type(m).__name__}"
-                f" {tuple(m.weight.shape)}; is it part of the model?"
-            )
-        out.append(sums[id(m)].sqrt())
-    return out
+        _check_called(m, id(m) in sums, "calibration forward")
+    return [sums[id(m)].sqrt() for m in modules]
 
 
 def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:

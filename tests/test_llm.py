@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
 from icbs_opt.derivatives import (  # noqa: E402
     layer_gradients,
     per_sample_block_gradients,
-    record_layer,
+    record_layers,
 )
 from icbs_opt.errors import DataError  # noqa: E402
 from icbs_opt.pruning import Pruner, nonzero_density, prune  # noqa: E402
@@ -125,7 +125,7 @@ def test_layer_tape_matches_autograd_and_runs_once():
         calls.append(len(Xb))
         return llm.causal_lm_loss(m, Xb, yb)
 
-    tape = record_layer(model, loss_fn, X, X, module, max_batch_size=2)
+    (tape,), _ = record_layers(model, loss_fn, X, X, [module], max_batch_size=2)
     assert calls == [2, 2, 1]
     idx = torch.arange(0, module.weight.numel(), 7)
     G = per_sample_block_gradients(model, llm.causal_lm_loss, X, X, module, idx)
@@ -418,3 +418,21 @@ def test_broken_weights_are_one_line_errors(text_dir, tmp_path, capsys):
         assert main(["evaluate", "--model", str(folder), *data]) == 2
         err = capsys.readouterr().err
         assert err.startswith("icbs-opt: error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_recording_every_layer_equals_recording_each_alone(dtype):
+    # q/k/v and gate/up share their input; every tape must see its own layer's
+    model = tiny_llama(vocab=14)
+    modules = [model.get_submodule(n) for n in llm.prunable_layers(model)]
+    X = torch.randint(0, 14, (3, 16), generator=torch.Generator().manual_seed(2))
+    loss = llm.causal_lm_loss
+    tapes, _ = record_layers(model, loss, X, X, modules, max_batch_size=1, dtype=dtype)
+    for module, tape in zip(modules, tapes, strict=True):
+        (alone,), _ = record_layers(
+            model, loss, X, X, [module], max_batch_size=1, dtype=dtype
+        )
+        idx = torch.arange(module.weight.numel())
+        assert torch.equal(
+            tape.per_sample_block_gradients(idx), alone.per_sample_block_gradients(idx)
+        )

@@ -10,17 +10,9 @@ from torch import nn
 from icbs_opt.derivatives import record_layers
 from icbs_opt.errors import PruningError
 from icbs_opt.executors import make_executor
-from icbs_opt.pruning import PruneConfig, Pruner, prune
+from icbs_opt.pruning import PAPER_CLASSIFIER_SETTINGS, PruneConfig, Pruner, prune
 
-PAPER = {
-    "selection": "gradient",
-    "hessian": "gradient_per_sample",
-    "grad_multiplier": 0.75,
-    "ridge_multiplier": 1e-3,
-    "tabu_frac": 0.4,
-    "fix_frac_prune": 0.42,
-    "fix_frac_keep": 0.35,
-}
+PAPER = dict(PAPER_CLASSIFIER_SETTINGS)
 
 #: Masks of version 0.1.0 (commit 44b24ac, before passes existed) after 15 steps
 #: of each setting below on the exhaustive backend: M = 1 must reproduce them.

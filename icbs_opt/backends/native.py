@@ -90,18 +90,6 @@ def _seed64(seed: int) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
 
 
-def _reject_none(opt: Option, value: Any) -> None:
-    """Refuse an explicit None for an option that has a default."""
-    if value is not None:
-        return
-    try:
-        opt.parse(None)
-    except ValueError as exc:
-        raise BackendError(
-            f"option {opt.name!r} of backend 'native' got None: {exc}"
-        ) from None
-
-
 class NativeBackend(Backend):
     """Swap-move simulated annealing in C, with restarts in parallel threads.
 
@@ -131,8 +119,8 @@ class NativeBackend(Backend):
     unseeded run: solving again with it repeats the run).
 
     Raises:
-        BackendError: For a bad option value (None included, where the option
-            has a default), ``beta_min``/``beta_max`` given with
+        BackendError: For a bad option value (an explicit None means the
+            default, as for every backend), ``beta_min``/``beta_max`` given with
             ``schedule="auto"``, or ``beta_max < beta_min``.
     """
 
@@ -140,7 +128,9 @@ class NativeBackend(Backend):
     options = (
         Option(
             "num_restarts",
-            lambda v: check_int(v, "num_restarts", minimum=1),
+            lambda v: check_int(
+                v, "option 'num_restarts'", minimum=1, error=BackendError
+            ),
             10,
             "independent anneals; the best is returned",
             "int >= 1",
@@ -154,7 +144,9 @@ class NativeBackend(Backend):
         ),
         Option(
             "beta_min",
-            lambda v: check_float(v, "beta_min", above=0.0),
+            lambda v: check_float(
+                v, "option 'beta_min'", above=0.0, error=BackendError
+            ),
             None,
             f"first inverse temperature, schedule='fixed' only (default "
             f"{FIXED_BETA_MIN:g})",
@@ -162,7 +154,9 @@ class NativeBackend(Backend):
         ),
         Option(
             "beta_max",
-            lambda v: check_float(v, "beta_max", above=0.0),
+            lambda v: check_float(
+                v, "option 'beta_max'", above=0.0, error=BackendError
+            ),
             None,
             f"last inverse temperature, schedule='fixed' only (default "
             f"{FIXED_BETA_MAX:g})",
@@ -170,21 +164,31 @@ class NativeBackend(Backend):
         ),
         Option(
             "beta_factor",
-            lambda v: check_float(v, "beta_factor", minimum=MIN_BETA_FACTOR),
+            lambda v: check_float(
+                v, "option 'beta_factor'", minimum=MIN_BETA_FACTOR, error=BackendError
+            ),
             1.1,
             "ratio of consecutive betas",
             f"float >= {MIN_BETA_FACTOR:g}",
         ),
         Option(
             "sweeps_per_beta",
-            lambda v: check_int(v, "sweeps_per_beta", minimum=1),
+            lambda v: check_int(
+                v, "option 'sweeps_per_beta'", minimum=1, error=BackendError
+            ),
             1,
             f"sweeps (max(n, {MIN_SWEEP_SIZE}) proposed swaps each) per beta",
             "int >= 1",
         ),
         Option(
             "num_threads",
-            lambda v: check_int(v, "num_threads", minimum=0, maximum=MAX_THREADS),
+            lambda v: check_int(
+                v,
+                "option 'num_threads'",
+                minimum=0,
+                maximum=MAX_THREADS,
+                error=BackendError,
+            ),
             0,
             "threads running restarts; 0: all cores (OMP_NUM_THREADS)",
             f"int in [0, {MAX_THREADS}]",
@@ -192,9 +196,6 @@ class NativeBackend(Backend):
     )
 
     def __init__(self, **options: Any):
-        for opt in self.options:  # the base class passes an explicit None through
-            if opt.default is not None and opt.name in options:
-                _reject_none(opt, options[opt.name])
         super().__init__(**options)
         self._check_schedule()
 

@@ -54,19 +54,19 @@ def prune(
         pruner: The pruner.
         batches: ``(X, y)`` batches. An iterator must last ``steps`` batches; a
             re-iterable (a list, a DataLoader) is restarted when it runs out.
-        steps: Number of steps (>= 0).
+        steps: Number of steps (passes), >= 0.
         evaluate: ``evaluate(model) -> {"metric": ..., "loss": ...}``, called
             before the first step, every ``eval_every`` steps and after the last.
         eval_every: Evaluation period in steps (0: only before and after).
         on_step: Called with each block's record.
-        on_pass: Called with each pass's record (e.g. to drive a progress bar).
+        on_pass: Called with each pass's record (a progress bar, say).
 
     Returns:
-        The records, the evaluation history and the pruning time.
+        The records, passes, evaluation history and pruning time.
 
     Raises:
         PruningError: For a negative ``steps`` or ``eval_every``.
-        DataError: If an iterator of batches runs out early or is empty.
+        DataError: If the batches run out early (an iterator) or are empty.
     """
     steps = check_int(steps, "steps", minimum=0, error=PruningError)
     eval_every = check_int(eval_every, "eval_every", minimum=0, error=PruningError)
@@ -74,15 +74,10 @@ def prune(
 
     def score(step: int) -> None:
         if evaluate is not None:
-            scores = evaluate(pruner.model)
-            result.history.append(
-                {
-                    "step": step,
-                    "metric": float(scores["metric"]),
-                    "loss": float(scores["loss"]),
-                    "seconds": result.seconds,
-                }
-            )
+            got = evaluate(pruner.model)
+            metric, loss = float(got["metric"]), float(got["loss"])
+            point = {"step": step, "metric": metric, "loss": loss}
+            result.history.append({**point, "seconds": result.seconds})
 
     score(0)
     feed = _batches(batches, steps)

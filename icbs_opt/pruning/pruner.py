@@ -311,24 +311,8 @@ class Pruner:
         # 2. a block per entry: k currently pruned and n - k kept free weights
         work = self._select_blocks(plan, tapes, X, y, number)
         t2 = time.perf_counter()
-        # 3-4. gradient, Hessian model and QUBO; 5. solve; 6. accept each block.
-        # In chunks, so a pass of hundreds of blocks holds few problems at once.
-        qubo = solve = 0.0
-        last = {b.L.name: i for i, b in enumerate(work)}
-        for start in range(0, len(work), SOLVE_CHUNK):
-            chunk = work[start : start + SOLVE_CHUNK]
-            t = time.perf_counter()
-            for i, b in enumerate(chunk, start):
-                if 0 < b.record.k < b.record.n:  # else nothing can move
-                    self._build_problem(b, X, y, tapes.get(b.L.name))
-                if last[b.L.name] == i:  # the layer's last block: free its tape
-                    tapes.pop(b.L.name, None)
-            t3 = time.perf_counter()
-            self._solve_all(chunk)
-            for b in chunk:
-                self._accept(b)
-                b.problem = b.prep = None  # keep only the record
-            qubo, solve = qubo + t3 - t, solve + time.perf_counter() - t3
+        # 3-4. gradient, Hessian model and QUBO; 5. solve; 6. accept each block
+        qubo, solve = self._build_solve_accept(work, tapes, X, y)
         record = PassRecord(number, [b.record for b in work], loss_before)
         if self.config.check_pass and record.accepted:
             self._check_pass(record, work, X, y)
@@ -343,6 +327,34 @@ class Pruner:
         return record
 
     # -------------------------------------------------------------- the pass
+    def _build_solve_accept(
+        self, work: list[_Block], tapes: dict[str, LayerTape], X: Any, y: Any
+    ) -> tuple[float, float]:
+        """Steps 3-6, in chunks: a pass of hundreds of blocks holds few problems.
+
+        A layer's tape is freed after its last block.
+
+        Returns:
+            Seconds spent building problems and solving them.
+        """
+        qubo = solve = 0.0
+        last = {b.L.name: i for i, b in enumerate(work)}
+        for start in range(0, len(work), SOLVE_CHUNK):
+            chunk = work[start : start + SOLVE_CHUNK]
+            t = time.perf_counter()
+            for i, b in enumerate(chunk, start):
+                if 0 < b.record.k < b.record.n:  # else nothing can move
+                    self._build_problem(b, X, y, tapes.get(b.L.name))
+                if last[b.L.name] == i:
+                    tapes.pop(b.L.name, None)
+            t3 = time.perf_counter()
+            self._solve_all(chunk)
+            for b in chunk:
+                self._accept(b)
+                b.problem = b.prep = None  # keep only the record
+            qubo, solve = qubo + t3 - t, solve + time.perf_counter() - t3
+        return qubo, solve
+
     def _plan_pass(self, layers: Sequence[str] | None, count: int) -> list[LayerState]:
         """Step 1: the layer of each block, in schedule order.
 
