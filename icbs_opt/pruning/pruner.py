@@ -430,15 +430,11 @@ class Pruner:
             idx = select_block(
                 L, layer_scores, cfg.block_size, cfg.k, taken.get(L.name)
             )
-            if L.name in taken:
-                taken[L.name][idx] = True
-            else:
-                taken[L.name] = torch.zeros_like(L.pruned)
-                taken[L.name][idx] = True
             left[L.name] -= 1
-            if not left[L.name]:  # the layer's last block of the pass
+            if left[L.name]:  # more blocks of this layer follow: keep them apart
+                taken.setdefault(L.name, torch.zeros_like(L.pruned))[idx] = True
+            else:  # the layer's last block of the pass
                 scores.pop(L.name, None)
-                taken.pop(L.name)
             x_cur = L.pruned[idx]  # (n,) bool, True = pruned now
             step = self.steps_done + i + 1
             record = StepRecord(step, L.name, idx.numel(), int(x_cur.sum()), number)
