@@ -6,8 +6,8 @@ thread) from magnitude, wanda and gradient inits to ``--steps`` steps, evaluatin
 every ``--eval-every`` steps, and prints: the accuracy-vs-steps curve per init, the
 time to reach each point (pruning only, evaluations excluded), and the mean
 per-step time split. ``--density``, ``--block-size``, ``--threads``,
-``--blocks-per-step`` (a step is then a pass of M blocks) and ``--check-pass``
-replace single fields of the preset.
+``--blocks-per-step`` (a step is then a pass of M blocks), ``--check-pass``,
+``--check-blocks`` and ``--grad-multiplier`` replace single fields of the preset.
 
     python benchmarks/digits.py                       # the full table, native
     python benchmarks/digits.py --steps 300 --inits magnitude --seeds 0,1,2
@@ -52,6 +52,8 @@ def run(init: str, seed: int, args: argparse.Namespace) -> dict:
         seed=seed,
         blocks_per_step=args.blocks_per_step,
         check_pass=args.check_pass,
+        check_blocks=args.check_blocks,
+        grad_multiplier=args.grad_multiplier or PRESET.config.grad_multiplier,
     ).config
     start = time.perf_counter()
     pruner = Pruner(
@@ -83,6 +85,7 @@ def run(init: str, seed: int, args: argparse.Namespace) -> dict:
         "accepted": result.accepted,
         "blocks": len(result.records),
         "rolled_back_passes": sum(p.rolled_back for p in result.passes),
+        "rolled_back_blocks": sum(r.rolled_back for r in result.records),
         "ms_per_step": split,
         "density": pruner.density(),
     }
@@ -100,6 +103,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=PRESET.run.threads)
     parser.add_argument("--blocks-per-step", type=int, default=1, help="M")
     parser.add_argument("--check-pass", action="store_true")
+    parser.add_argument("--check-blocks", action="store_true")
+    parser.add_argument("--grad-multiplier", type=float)
     parser.add_argument("--json", help="also write all runs to this file")
     args = parser.parse_args()
     if args.threads is not None:
@@ -134,7 +139,8 @@ def main() -> None:
         cells = [f"{r['ms_per_step'][p]:.1f}" for p in PHASES]
         print(
             f"| {r['init']} | {r['seed']} | {r['accepted']}/{r['blocks']} "
-            f"({r['rolled_back_passes']} passes undone) | " + " | ".join(cells) + " |"
+            f"({r['rolled_back_passes']} passes, {r['rolled_back_blocks']} blocks "
+            "undone) | " + " | ".join(cells) + " |"
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -36,12 +36,9 @@ import time
 
 import numpy as np
 import torch
+from smollm2 import PRESET, add_task_args, load_task, make_pruner
 
 from icbs_opt.pruning import Pruner, nonzero_density
-from icbs_opt.tasks import get_task, task_spec
-
-TASK = "smollm2-135m"
-PRESET = task_spec(TASK).preset  # what `icbs-opt prune --task smollm2-135m` uses
 
 PHASES = ("record", "select", "qubo", "solve", "check", "total")
 
@@ -56,33 +53,25 @@ def evaluate(task) -> tuple[float, float]:
     return ppl, time.perf_counter() - start
 
 
-def make_pruner(task, density: float, init: str, args, blocks: int = 1) -> Pruner:
-    """A pruner with the task's preset, the given fields replaced."""
-    preset = PRESET.replace(
+def icbs_pruner(task, density: float, init: str, args, blocks: int = 1) -> Pruner:
+    """A pruner with the task's preset, this run's fields replaced."""
+    return make_pruner(
+        task,
+        args,
         density=density,
         init=init,
-        block_size=args.block_size,
-        max_batch_size=args.max_batch_size,
-        seed=args.seed,
         blocks_per_step=blocks,
         tape_dtype=args.tape_dtype_now,
         check_pass=blocks in args.check_pass,
-    )
-    return Pruner(
-        task.model,
-        task.loss_fn,
-        backend=args.backend,
-        layers=task.layers,
-        calibration=task.calibration,
-        config=preset.config,
     )
 
 
 def baseline(task, density: float, init: str, args) -> dict:
     start = time.perf_counter()
-    make_pruner(task, density, init, args)
+    pruner = icbs_pruner(task, density, init, args)
     seconds = time.perf_counter() - start
     ppl, _ = evaluate(task)
+    pruner.restore_dense()  # the next run starts from the dense model
     density_now = nonzero_density(task.model, task.layers)
     print(
         f"  {init:<18} density {density_now:.4f}  perplexity {ppl:9.2f}  "
@@ -95,7 +84,7 @@ def baseline(task, density: float, init: str, args) -> dict:
 def icbs(task, density: float, blocks: int, args, save=lambda run: None) -> dict:
     """One iCBS run; ``save(run)`` is called with the partial run at every eval."""
     start = time.perf_counter()
-    pruner = make_pruner(task, density, PRESET.config.init, args, blocks)
+    pruner = icbs_pruner(task, density, PRESET.config.init, args, blocks)
     seconds = time.perf_counter() - start  # pruning time includes construction
     ppl, _ = evaluate(task)
     curve = [{"pass": 0, "blocks": 0, "perplexity": ppl, "seconds": seconds}]
@@ -109,7 +98,14 @@ def icbs(task, density: float, blocks: int, args, save=lambda run: None) -> dict
         seconds += record.seconds["total"]
         passes.append(record.to_dict())
         out_of_time = seconds > 60 * args.max_minutes_now
-        if s == args.steps or s % args.eval_every_now == 0 or out_of_time:
+        ends = (seconds, seconds + record.seconds["total"])  # this and the next
+        last_before = any(ends[0] <= 60 * m < ends[1] for m in args.eval_minutes)
+        if (
+            s == args.steps
+            or s % args.eval_every_now == 0
+            or out_of_time
+            or (last_before)
+        ):
             ppl, eval_seconds = evaluate(task)
             done = sum(p["blocks"] for p in passes)
             accepted = sum(p["accepted"] for p in passes)
@@ -131,6 +127,7 @@ def icbs(task, density: float, blocks: int, args, save=lambda run: None) -> dict
     split = {p: float(np.mean([r["seconds"][p] for r in passes])) for p in PHASES}
     print("  mean pass: " + ", ".join(f"{p} {split[p]:.2f} s" for p in PHASES))
     final = nonzero_density(task.model, task.layers)
+    pruner.restore_dense()  # the next run starts from the dense model
     return {**run, "final_density": final, "mean_pass_seconds": split,
             "passes": passes}  # fmt: skip
 
@@ -152,26 +149,18 @@ def main() -> None:
     )
     p.add_argument("--eval-every", type=int, nargs="+", default=[50])
     p.add_argument("--max-minutes", type=float, nargs="+", default=[float("inf")])
-    p.add_argument("--block-size", type=int, default=PRESET.config.block_size)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batch-size", type=int, default=PRESET.config.max_batch_size)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--backend", default="native")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", metavar="FILE")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    start = time.perf_counter()
-    task = get_task(
-        TASK,
-        eval_windows=args.eval_windows,
-        calib_windows=args.calib_windows,
-        batch_size=args.batch_size,
+    p.add_argument(
+        "--eval-minutes",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="MIN",
+        help="also evaluate after the last pass predicted to end by each MIN",
     )
+    add_task_args(p)
+    args = p.parse_args()
+    start = time.perf_counter()
+    task = load_task(args)
     load_seconds = time.perf_counter() - start
     dense_ppl, eval_seconds = evaluate(task)
     print(
@@ -180,14 +169,6 @@ def main() -> None:
         f"(eval {eval_seconds:.0f} s); torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    modules = dict(task.model.named_modules())
-    dense = {name: modules[name].weight.detach().clone() for name in task.layers}
-
-    def restore() -> None:
-        with torch.no_grad():
-            for name, w in dense.items():
-                modules[name].weight.copy_(w)
-
     report = {
         "load_seconds": load_seconds,
         "dense_perplexity": dense_ppl,
@@ -212,7 +193,6 @@ def main() -> None:
         print(f"one-shot, density {density}:", flush=True)
         for init in ("magnitude", "wanda_per_output"):
             report["baselines"].append(baseline(task, density, init, args))
-            restore()
     per_m = {  # one value for every M, or one per --blocks-per-step entry
         key: dict.fromkeys(args.blocks_per_step, values[0])
         if len(values) == 1
@@ -233,7 +213,6 @@ def main() -> None:
             flush=True,
         )
         report["icbs"].append(icbs(task, density, blocks, args, save))
-        restore()
         save()
     report["peak_rss_gib"] = peak_rss_gb()
     print(f"process peak RSS {report['peak_rss_gib']:.2f} GiB")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from icbs_opt.atomic import atomic_path, atomic_write
 from icbs_opt.backends import Backend, Solution
 from icbs_opt.backends.base import check_seed
 from icbs_opt.checks import check_int
@@ -61,6 +62,32 @@ class Comparison:
     runs: list[Run]
     unreadable: dict[str, str] = field(default_factory=dict)
     best: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @classmethod
+    def of_runs(
+        cls,
+        problems: Iterable[str],
+        backends: Iterable[str],
+        runs: Iterable[Run],
+        unreadable: Mapping[str, str] | None = None,
+        *,
+        interrupted: bool = False,
+    ) -> Comparison:
+        """Order finished ``runs`` and score them against the best known energies.
+
+        :func:`compare` ends with this; after an interrupt, it turns the runs
+        finished so far (collected by a ``progress`` callback) into a partial
+        result with ``interrupted=True``.
+        """
+        problems = list(problems)
+        order = {name: i for i, name in enumerate(problems)}
+        border = {name: i for i, name in enumerate(backends)}
+        runs = sorted(
+            runs, key=lambda run: (order[run.problem], border[run.backend], run.repeat)
+        )
+        best = _score(runs)
+        return cls(problems, runs, dict(unreadable or {}), best, interrupted)
 
     def summary(self) -> list[dict[str, Any]]:
         """Per-backend aggregates over the runs that were not skipped."""
@@ -101,15 +128,19 @@ class Comparison:
             "backends": self.summary(),
             "runs": [asdict(r) for r in self.runs],
             "unreadable": self.unreadable,
+            "interrupted": self.interrupted,
         }
 
     def write_csv(self, path: str | os.PathLike) -> None:
-        """Write one row per run."""
+        """Write one row per run (atomically: see :mod:`icbs_opt.atomic`)."""
         names = list(Run.__dataclass_fields__)
-        with open(path, "w", newline="", encoding="utf-8") as f:
+
+        def write(f: Any) -> None:
             writer = csv.DictWriter(f, fieldnames=names)
             writer.writeheader()
             writer.writerows(asdict(r) for r in self.runs)
+
+        atomic_write(os.fspath(path), write)
 
     def plot(self, path: str | os.PathLike) -> None:
         """Save a figure of relative gap and seconds against n, per backend."""
@@ -135,7 +166,8 @@ class Comparison:
         ax_time.set_yscale("log")
         ax_gap.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with atomic_path(os.fspath(path)) as tmp:
+            fig.savefig(tmp, dpi=120)  # tmp keeps the suffix that picks the format
         plt.close(fig)
 
 
@@ -275,10 +307,7 @@ def compare(
         runs += _compare_backend(
             items, bname, backend, repeats, seed, executor, progress
         )
-    order = {name: i for i, name in enumerate(problems)}
-    border = {name: i for i, name in enumerate(backends)}
-    runs.sort(key=lambda run: (order[run.problem], border[run.backend], run.repeat))
-    return Comparison(list(problems), runs, dict(unreadable or {}), _score(runs))
+    return Comparison.of_runs(problems, backends, runs, unreadable)
 
 
 def _compare_backend(

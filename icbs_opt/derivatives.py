@@ -205,10 +205,12 @@ class LayerTape:
     def gradient(self) -> torch.Tensor:
         """Gradient of the batch's mean loss, shaped like the weight."""
         w = self.module.weight
-        x = _wide(torch.cat(self.xs))  # (N, T, d_in)
-        delta = _wide(torch.cat(self.deltas))  # (N, T, d_out)
-        grad = torch.einsum("bto,bti->oi", delta, x) / len(x)
-        return grad.reshape(w.shape).to(w.dtype)
+        grad = sum(  # (d_out, d_in), sub-batch by sub-batch
+            torch.einsum("bto,bti->oi", _wide(d), _wide(x))
+            for x, d in zip(self.xs, self.deltas, strict=True)
+        )
+        samples = sum(len(x) for x in self.xs)
+        return (grad / samples).reshape(w.shape).to(w.dtype)
 
     def per_sample_block_gradients(self, idx: Any) -> torch.Tensor:
         """``(N, n)`` float64 per-sample gradients of the flat weight indices idx."""
@@ -264,23 +266,22 @@ def record_layers(
         check_prunable(m)
     start = time.perf_counter()
     tapes = {id(m): LayerTape(m) for m in modules}
-    recorder = _Recorder(tapes, dtype)
+    recorder = _Recorder(tapes, dtype, len(X))
     handles = [m.register_forward_hook(recorder.hook) for m in modules]
     loss_sum, chunks = 0.0, split_batch(X, y, max_batch_size)
     try:
-        with _requires_grad([m.weight for m in modules]):
-            for i, (Xb, yb) in enumerate(chunks):
-                loss = _scalar_loss(loss_fn, model, Xb, yb)
-                if not recorder.backward(loss, len(Xb)):  # again, outputs copied
-                    loss = _scalar_loss(loss_fn, model, Xb, yb)
-                    recorder.backward(loss, len(Xb))
-                loss_sum += float(loss.detach()) * len(Xb)
-                if i == 0 and memory_limit is not None:
-                    _check_memory(tapes.values(), len(chunks), memory_limit)
+        for i, (Xb, yb) in enumerate(chunks):
+            recorder.b = len(Xb)
+            loss = _scalar_loss(loss_fn, model, Xb, yb)
+            recorder.backward(loss)
+            loss_sum += float(loss.detach()) * len(Xb)
+            if i == 0 and memory_limit is not None:
+                _check_memory(recorder, len(chunks), memory_limit)
     finally:
         for h in handles:
             h.remove()
         recorder.calls.clear()
+        recorder.buffers.clear()
     seconds = time.perf_counter() - start
     for tape in tapes.values():
         _check_called(tape.module, bool(tape.xs), "forward")
@@ -297,18 +298,37 @@ def _check_called(module: nn.Module, called: bool, what: str) -> None:
 
 
 class _Recorder:
-    """Forward hooks keep layer inputs; one backward gives the output gradients."""
+    """Forward hooks keep layer inputs; gradient hooks keep the output gradients.
 
-    def __init__(self, tapes: dict[int, LayerTape], dtype: torch.dtype | None):
-        self.tapes, self.dtype = tapes, dtype
-        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = []
+    Every recorded output is handed on as ``out + anchor``, with ``anchor`` a
+    zero scalar that requires grad, and the backward asks for the gradient of
+    ``anchor`` alone: it flows through every recorded output, whose gradient hook
+    stores it in the tape's dtype as it is formed. No weight gradient is formed
+    and the float32 output gradients are never held all at once. A hook
+    registered before an in-place change (``ReLU(inplace=True)``) receives the
+    gradient of the value before the change, which is the layer's output.
+
+    Each layer's inputs and output gradients go into one buffer for the whole
+    batch (``samples`` rows), allocated at its first sub-batch: a pass holds a few
+    large tensors, which the allocator gives back whole when the pass is done,
+    instead of many small ones interleaved with the forward's temporaries.
+    """
+
+    def __init__(
+        self, tapes: dict[int, LayerTape], dtype: torch.dtype | None, samples: int
+    ):
+        self.tapes, self.dtype, self.b = tapes, dtype, 1
+        self.samples, self.start = samples, 0  # the sub-batch's first sample
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self.anchor = torch.zeros((), requires_grad=True)
+        #: per layer call, in forward order: [module, input rows, output gradient]
+        self.calls: list[list[Any]] = []
         self.shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by id
-        self.copy_outputs = False  # set once an output was changed in place
 
     def hook(
         self, mod: nn.Module, inputs: tuple, out: torch.Tensor
     ) -> torch.Tensor | None:
-        if not out.requires_grad:  # a call outside the differentiated forward
+        if not torch.is_grad_enabled():  # a call outside the differentiated forward
             return None
         x = inputs[0].detach()
         dtype = self.dtype or torch.promote_types(x.dtype, torch.float32)
@@ -318,38 +338,52 @@ class _Recorder:
         if held is None and isinstance(mod, nn.Linear):
             # the input is held too: while it lives, no other tensor takes its id
             self.shared[key] = (inputs[0], rows)
-        self.calls.append((mod, rows, out, out._version))
-        # An in-place op after the layer (ReLU with inplace=True) would change
-        # ``out``, whose gradient is asked for: the model then goes on with a copy.
-        return out.clone() if self.copy_outputs else None
+        call = [mod, rows, None]
+        self.calls.append(call)
+        out = out if out.requires_grad else out.detach().requires_grad_()
+        anchored = out + self.anchor.to(out.dtype)
 
-    def backward(self, loss: torch.Tensor, b: int) -> bool:
-        """Gradients of ``loss`` w.r.t. the recorded outputs, onto the tapes.
+        def keep(g: torch.Tensor) -> None:  # the loss is a mean over b samples
+            call[2] = (_wide(layer_output_grads(mod, g)) * self.b).to(rows.dtype)
 
-        Returns False, recording nothing, if an output was changed in place since
-        its layer ran; the sub-batch must then run again (outputs are copied).
-        """
-        if any(out._version != v for _, _, out, v in self.calls):
-            self.calls.clear()
-            self.shared.clear()
-            self.copy_outputs = True
-            return False
-        outs = [out for _, _, out, _ in self.calls]
-        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+        anchored.register_hook(keep)  # also fires if it is later changed in place
+        return anchored
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` w.r.t. the recorded outputs, onto the tapes."""
+        torch.autograd.grad(loss, self.anchor, allow_unused=True)
         per_module: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for (mod, x, out, _), g in zip(self.calls, grads, strict=True):
-            g = torch.zeros_like(out) if g is None else g
-            # the loss is a mean over the b samples: scale to per-sample
-            d = (_wide(layer_output_grads(mod, g)) * b).to(x.dtype)
+        for mod, x, d in self.calls:
+            if d is None:  # the output does not reach the loss
+                b, t = x.shape[:2]
+                d = x.new_zeros(b, t, weight_matrix_shape(mod)[0])
             per_module.setdefault(id(mod), []).append((x, d))
+        kept: dict[int, torch.Tensor] = {}  # shared input rows, stored once
         for key, calls in per_module.items():  # several calls: concatenate on T
             xs, ds = zip(*calls, strict=True)
-            tape = self.tapes[key]
-            tape.xs.append(xs[0] if len(xs) == 1 else torch.cat(xs, 1))
-            tape.deltas.append(ds[0] if len(ds) == 1 else torch.cat(ds, 1))
+            if len(xs) > 1:
+                x = self._keep(("x", key), torch.cat(xs, 1))
+            elif id(xs[0]) in kept:
+                x = kept[id(xs[0])]
+            else:  # the first layer fed these rows owns their buffer
+                x = kept[id(xs[0])] = self._keep(("x", key), xs[0])
+            d = self._keep(("d", key), ds[0] if len(ds) == 1 else torch.cat(ds, 1))
+            self.tapes[key].xs.append(x)
+            self.tapes[key].deltas.append(d)
+        self.start += self.b
         self.calls.clear()
         self.shared.clear()
-        return True
+
+    def _keep(self, key: tuple[str, int], t: torch.Tensor) -> torch.Tensor:
+        """``t`` copied into the sub-batch's rows of the batch buffer ``key``."""
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = t.new_empty((self.samples, *t.shape[1:]))
+        if buf.shape[1:] != t.shape[1:]:  # another shape: it keeps its own tensor
+            return t
+        rows = buf[self.start : self.start + len(t)]
+        rows.copy_(t)
+        return rows
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -357,16 +391,22 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _check_memory(tapes: Any, chunks: int, limit: int) -> None:
-    """Refuse a pass whose tapes would take more than ``limit`` bytes."""
+def _check_memory(recorder: _Recorder, chunks: int, limit: int) -> None:
+    """Refuse a pass whose tapes would take more than ``limit`` bytes.
+
+    Called after the first of ``chunks`` sub-batches: a batch buffer is counted
+    once, any other tensor once per sub-batch.
+    """
+    whole = {b.untyped_storage().data_ptr() for b in recorder.buffers.values()}
     storages = {}
-    for tape in tapes:
+    for tape in recorder.tapes.values():
         for t in tape.xs + tape.deltas:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    need = sum(storages.values()) * chunks
+            ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            storages[ptr] = size if ptr in whole else size * chunks
+    need = sum(storages.values())
     if need > limit:
         raise PruningError(
-            f"recording {len(list(tapes))} layers for this batch needs about "
+            f"recording {len(recorder.tapes)} layers for this batch needs about "
             f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB "
             "available; use fewer blocks per step (--blocks-per-step), the "
             "bfloat16 tape (--tape-dtype bfloat16) or a smaller batch"
@@ -545,13 +585,17 @@ def input_column_norms(
     ``(C_in,)`` (padding excluded).
     """
     sums: dict[int, torch.Tensor] = {}
+    last: dict[str, Any] = {"input": None, "sq": None}  # q/k/v share their input
 
     def hook(mod: nn.Module, inputs: tuple, out: Any) -> None:
         x = inputs[0].detach()
         if isinstance(mod, nn.Conv2d):
             sq = x.double().pow(2).sum(dim=(0, 2, 3))  # (C_in,)
+        elif last["input"] is inputs[0]:
+            sq = last["sq"]
         else:
             sq = x.double().pow(2).reshape(-1, x.shape[-1]).sum(0)  # (d_in,)
+            last.update(input=inputs[0], sq=sq)
         key = id(mod)
         sums[key] = sums[key] + sq if key in sums else sq
 
@@ -563,6 +607,7 @@ def input_column_norms(
     finally:
         for h in handles:
             h.remove()
+        last.clear()
     for m in modules:
         _check_called(m, id(m) in sums, "calibration forward")
     return [sums[id(m)].sqrt() for m in modules]

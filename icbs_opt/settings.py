@@ -14,23 +14,32 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 from icbs_opt.checks import check_float, check_int
-from icbs_opt.errors import PruningError
+from icbs_opt.errors import DataError, PruningError
 
 #: Hessian models of DESIGN step 3.
 HESSIAN_MODELS = ("gradient_per_sample", "gradient_mean", "exact", "exact_piecewise")
 SCORE_METHODS = ("magnitude", "wanda", "gradient", "random")
-INIT_METHODS = SCORE_METHODS + tuple(
-    f"{m}{suffix}"
-    for m in ("magnitude", "wanda", "gradient")
-    for suffix in ("_per_output", "_per_input")
+INIT_METHODS = (
+    *SCORE_METHODS,
+    "sparsegpt",
+    *(
+        f"{m}{suffix}"
+        for m in ("magnitude", "wanda", "gradient")
+        for suffix in ("_per_output", "_per_input")
+    ),
 )
 SELECTION_METHODS = ("random", "magnitude", "wanda", "gradient")
 SCHEDULES = ("uniform", "log")
 TAPE_DTYPES = ("float32", "bfloat16")
+#: Whose inputs a refit applies the original layer to (icbs_opt.pruning.refit).
+REFIT_TARGETS = ("dense", "current")
 
 #: The paper's method settings, on top of PruneConfig's; every built-in preset uses
 #: them.
@@ -55,7 +64,9 @@ class PruneConfig:
         block_size: ``n``, weights per block step (>= 2).
         k: Pruned weights per block, in [1, block_size - 1]; None: block_size // 2.
         init: Initial pruning: ``magnitude``, ``wanda``, ``gradient``, ``random``,
-            the first three also ``*_per_output`` / ``*_per_input``.
+            the first three also ``*_per_output`` / ``*_per_input``; or
+            ``sparsegpt`` (DESIGN section 1b: its mask, and its updated kept
+            weights become the values steps restore).
         selection: Block selection: ``random``, ``magnitude``, ``wanda``,
             ``gradient``.
         hessian: ``gradient_per_sample``, ``gradient_mean``, ``exact`` or
@@ -81,8 +92,17 @@ class PruneConfig:
         tape_dtype: Storage of the recorded layer inputs and output gradients:
             ``float32``, or ``bfloat16`` for half the memory.
         check_pass: After a pass, compare the batch loss with the one before
-            and undo the pass's moves if it rose.
+            and undo the pass's moves if it rose (one forward of the batch).
+        check_blocks: After a pass, apply its moves one at a time and undo
+            each one that raises the batch loss (one forward per accepted block;
+            for models whose forward is cheap). Implies ``check_pass``.
         hessian_chunk_size: Hessian rows per pass for ``exact_piecewise``.
+        refit: After the last step, refit every layer's kept weights to the
+            original layer's outputs on the calibration batch (DESIGN 1b).
+        refit_every: Also refit every this many steps (0: never during the run).
+        refit_target: The outputs a refit reconstructs: the original layer's on
+            the ``dense`` model's inputs (also correcting earlier layers' error)
+            or on the ``current`` (pruned) model's inputs, SparseGPT's objective.
         seed: Seed of every random choice (init, layer, block, solver).
     """
 
@@ -107,6 +127,10 @@ class PruneConfig:
     executor: str | None = None
     tape_dtype: str = "float32"
     check_pass: bool = False
+    check_blocks: bool = False
+    refit: bool = False
+    refit_every: int = 0
+    refit_target: str = "dense"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +147,7 @@ class PruneConfig:
             ("hessian", HESSIAN_MODELS),
             ("schedule", SCHEDULES),
             ("tape_dtype", TAPE_DTYPES),
+            ("refit_target", REFIT_TARGETS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -147,7 +172,8 @@ class PruneConfig:
         if self.executor is not None and not isinstance(self.executor, str):
             raise PruningError(f"executor must be a string, got {self.executor!r}")
         self.seed = check_int(self.seed, "seed", minimum=0, **err)
-        for name in ("remove_zero_rows", "check_pass"):
+        self.refit_every = check_int(self.refit_every, "refit_every", minimum=0, **err)
+        for name in ("remove_zero_rows", "check_pass", "check_blocks", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise PruningError(
                     f"{name} must be True or False, got {getattr(self, name)!r}"
@@ -176,11 +202,20 @@ class RunSettings:
         steps: Steps (>= 0); a step is one pass of ``blocks_per_step`` blocks.
         eval_every: Evaluate every this many steps (0: only before and after).
         threads: Torch CPU threads (None: torch's default).
+        keep_best: Score the task's validation split at every evaluation, keep
+            the best mask seen and end the run with it (needs ``eval_every``).
+        time_budget: Minutes after which the run stops at the end of the step
+            that crosses them (None: no limit).
+        checkpoint_every: Write a checkpoint every this many steps (0: only
+            when a run is stopped early).
     """
 
     steps: int = 300
     eval_every: int = 0
     threads: int | None = None
+    keep_best: bool = False
+    time_budget: float | None = None
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         err = {"error": PruningError}
@@ -192,6 +227,19 @@ class RunSettings:
         if self.threads is not None:
             threads = check_int(self.threads, "threads", minimum=1, **err)
             object.__setattr__(self, "threads", threads)
+        if not isinstance(self.keep_best, bool):
+            raise PruningError(
+                f"keep_best must be True or False, got {self.keep_best!r}"
+            )
+        if self.keep_best and not self.eval_every:
+            raise PruningError(
+                "keep_best needs eval_every > 0 (the steps between validations)"
+            )
+        if self.time_budget is not None:
+            budget = check_float(self.time_budget, "time_budget", above=0, **err)
+            object.__setattr__(self, "time_budget", budget)
+        every = check_int(self.checkpoint_every, "checkpoint_every", minimum=0, **err)
+        object.__setattr__(self, "checkpoint_every", every)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as a JSON-ready dictionary."""
@@ -240,3 +288,32 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         """``{"config": {...}, "run": {...}}``, JSON-ready."""
         return {"config": self.config.to_dict(), "run": self.run.to_dict()}
+
+
+#: File name of a checkpoint inside its folder (see icbs_opt.pruning.checkpoint).
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def checkpoint_file(path: str | os.PathLike) -> str:
+    """The checkpoint file of ``path``: the file itself or the one in the folder."""
+    path = os.fspath(path)
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def read_checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings saved in a checkpoint (file or folder), without torch.
+
+    Reads only the safetensors header, whose metadata holds them as JSON
+    under ``settings``.
+
+    Raises:
+        DataError: If there is no readable checkpoint at ``path``.
+    """
+    file = checkpoint_file(path)
+    try:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        return json.loads(header["__metadata__"]["settings"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise DataError(f"cannot read the checkpoint {file!r}: {exc}") from exc

@@ -17,6 +17,10 @@
 
 static PyObject *raise_for(int rc) {
     if (rc == ICBS_SA_ENOMEM) return PyErr_NoMemory();
+    if (rc == ICBS_SA_ESTOP) {
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+        return NULL;
+    }
     PyErr_SetString(PyExc_ValueError, "native SA core rejected its arguments");
     return NULL;
 }
@@ -39,6 +43,41 @@ static PyArrayObject *square_matrix(PyObject *obj, npy_intp *n) {
     return arr;
 }
 
+/* Take the optional keyword "stop" out of a copy of kwargs (the other keywords
+ * are all required, which PyArg_ParseTupleAndKeywords cannot mix with optional
+ * keyword-only ones). On success *kwargs and *stop are new references or NULL. */
+static int pop_stop(PyObject **kwargs, PyObject **stop) {
+    *stop = NULL;
+    if (*kwargs == NULL) return 0;
+    PyObject *copy = PyDict_Copy(*kwargs);
+    if (!copy) return -1;
+    *stop = PyDict_GetItemString(copy, "stop");
+    Py_XINCREF(*stop);
+    if (*stop && PyDict_DelItemString(copy, "stop") < 0) {
+        Py_DECREF(copy);
+        Py_DECREF(*stop);
+        return -1;
+    }
+    *kwargs = copy;
+    return 0;
+}
+
+/* The stop flag: None, or a writable C-contiguous int32 array (its first entry). */
+static int stop_flag(PyObject *obj, const volatile int32_t **flag) {
+    *flag = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (!PyArray_Check(obj) || PyArray_TYPE(arr) != NPY_INT32 ||
+        PyArray_SIZE(arr) < 1 || !PyArray_IS_C_CONTIGUOUS(arr) ||
+        !PyArray_ISWRITEABLE(arr)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "stop must be None or a writable contiguous int32 array");
+        return -1;
+    }
+    *flag = (const volatile int32_t *)PyArray_DATA(arr);
+    return 0;
+}
+
 static PyObject *new_vector(npy_intp len, int type) {
     npy_intp dims[1] = {len};
     return PyArray_ZEROS(1, dims, type, 0);
@@ -47,10 +86,12 @@ static PyObject *new_vector(npy_intp len, int type) {
 PyDoc_STRVAR(solve_doc,
              "solve(Q, k, x0, *, seed, num_restarts, beta_min, beta_max, beta_factor,\n"
              "      sweeps_per_beta, sweep_size, num_threads, auto_schedule,\n"
-             "      auto_samples, auto_accept, auto_range) -> (x, info)\n\n"
+             "      auto_samples, auto_accept, auto_range, stop=None) -> (x, info)\n\n"
              "Anneal min x^T Q x subject to sum(x) = k with swap moves. Q: square\n"
              "C-contiguous float64 (symmetric); x0: None or int8 vector with k ones.\n"
-             "Returns the int8 answer and a dict of run details. Use the Python\n"
+             "stop: None or an int32 array; setting stop[0] != 0 from another thread\n"
+             "ends the solve within a sweep with KeyboardInterrupt. Returns the int8\n"
+             "answer and a dict of run details. Use the Python\n"
              "backend icbs_opt.backends.native instead: it validates the inputs.");
 
 static PyObject *py_solve(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -59,19 +100,26 @@ static PyObject *py_solve(PyObject *self, PyObject *args, PyObject *kwargs) {
         "beta_min",    "beta_max",    "beta_factor",  "sweeps_per_beta", "sweep_size",
         "num_threads", "auto_schedule", "auto_samples", "auto_accept",   "auto_range",
         NULL};
-    PyObject *q_obj, *x0_obj;
+    PyObject *q_obj, *x0_obj, *stop_obj = NULL;
     long long k, num_restarts, sweeps_per_beta, sweep_size, auto_samples;
     unsigned long long seed;
     double beta_min, beta_max, beta_factor, auto_accept, auto_range;
     int num_threads, auto_schedule;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLO$KLdddLLipLdd", keywords,
+    if (pop_stop(&kwargs, &stop_obj) < 0) return NULL;
+    int parsed = PyArg_ParseTupleAndKeywords(args, kwargs, "OLO$KLdddLLipLdd", keywords,
                                      &q_obj, &k, &x0_obj, &seed, &num_restarts,
                                      &beta_min, &beta_max, &beta_factor,
                                      &sweeps_per_beta, &sweep_size, &num_threads,
                                      &auto_schedule, &auto_samples, &auto_accept,
-                                     &auto_range))
+                                     &auto_range);
+    Py_XDECREF(kwargs); /* pop_stop's copy */
+    const volatile int32_t *stop;
+    if (!parsed || stop_flag(stop_obj, &stop) < 0) {
+        Py_XDECREF(stop_obj);
         return NULL;
+    }
+    Py_XDECREF(stop_obj); /* the caller's array keeps it alive during the call */
     npy_intp n;
     PyArrayObject *q = square_matrix(q_obj, &n);
     if (!q) return NULL;
@@ -110,7 +158,8 @@ static PyObject *py_solve(PyObject *self, PyObject *args, PyObject *kwargs) {
                                        .auto_samples = (int64_t)auto_samples,
                                        .auto_accept = auto_accept,
                                        .auto_range = auto_range,
-                                       .seed = (uint64_t)seed};
+                                       .seed = (uint64_t)seed,
+                                       .stop = stop};
         res.restart_energies = (double *)PyArray_DATA((PyArrayObject *)energies);
         res.restart_sweeps = (int64_t *)PyArray_DATA((PyArrayObject *)sweeps);
         res.restart_accepted = (int64_t *)PyArray_DATA((PyArrayObject *)accepted);

@@ -230,7 +230,13 @@ typedef struct {
     int64_t num_betas, sweeps_per_beta;
     int64_t sweep_size; /* proposals per sweep */
     uint64_t seed;
+    const volatile int32_t *stop; /* NULL or the caller's stop flag */
 } problem_t;
+
+/* Whether the caller asked the solve to stop (a plain load: any thread may set it). */
+static inline int stop_requested(const problem_t *p) {
+    return p->stop != NULL && *p->stop != 0;
+}
 
 static int cmp_int32(const void *a, const void *b) {
     const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
@@ -332,6 +338,7 @@ static double run_restart(const problem_t *p, work_t *w, int64_t r, int64_t *swe
             const double beta = p->beta_min * pow(p->beta_factor, (double)t);
             int64_t changed = 0;
             for (int64_t s = 0; s < p->sweeps_per_beta; s++, done++) {
+                if (stop_requested(p)) break;
                 for (int64_t m = 0; m < p->sweep_size; m++) {
                     const uint32_t a = ahead_a[slot], b = ahead_b[slot];
                     const uint32_t na = rng_below(&g, (uint32_t)k);
@@ -365,8 +372,14 @@ static double run_restart(const problem_t *p, work_t *w, int64_t r, int64_t *swe
                     }
                 }
             }
-            if (changed == 0) break;
+            if (changed == 0 || stop_requested(p)) break;
         }
+    }
+    *sweeps = done;
+    *accepted = acc;
+    if (stop_requested(p)) { /* the solve reports ICBS_SA_ESTOP: skip the descent */
+        *descent_swaps = 0;
+        return best_e;
     }
     if (!at_best) {
         /* Back to the best state seen; the descent needs only its ones and fields. */
@@ -376,8 +389,6 @@ static double run_restart(const problem_t *p, work_t *w, int64_t r, int64_t *swe
     double exact;
     *descent_swaps = descend(p, w, &exact);
     memcpy(w->best_ones, idx, (size_t)k * sizeof(int32_t));
-    *sweeps = done;
-    *accepted = acc;
     return exact;
 }
 
@@ -464,6 +475,7 @@ typedef struct {
 static void one_restart(const problem_t *p, shared_t *sh, work_t *w, int64_t r,
                         double *mine_e, int64_t *mine_r) {
     int64_t sweeps = 0, accepted = 0, descent = 0;
+    if (stop_requested(p)) return; /* icbs_sa_solve reports ICBS_SA_ESTOP */
     const double e = run_restart(p, w, r, &sweeps, &accepted, &descent);
     sh->energies[r] = e;
     if (sh->result->restart_sweeps) sh->result->restart_sweeps[r] = sweeps;
@@ -591,7 +603,8 @@ int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
                          .num_betas = num_betas,
                          .sweeps_per_beta = params->sweeps_per_beta,
                          .sweep_size = params->sweep_size,
-                         .seed = params->seed};
+                         .seed = params->seed,
+                         .stop = params->stop};
     int threads = 1;
 #ifdef _OPENMP
     threads = params->num_threads > 0 ? params->num_threads : omp_get_max_threads();
@@ -611,7 +624,8 @@ int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
          * threads ran can still solve on one thread (GNU libgomp's pool does
          * not survive fork). */
         run_restarts(&p, &sh, 0);
-    const int status = sh.status;
+    const int status = sh.status == ICBS_SA_OK && stop_requested(&p) ? ICBS_SA_ESTOP
+                                                                     : sh.status;
     const int64_t best_r = sh.best_r;
 
     if (status == ICBS_SA_OK) {

@@ -49,6 +49,7 @@ extern "C" {
 #define ICBS_SA_OK 0
 #define ICBS_SA_EINVAL 1 /* an argument is out of range */
 #define ICBS_SA_ENOMEM 2 /* an allocation failed */
+#define ICBS_SA_ESTOP 3  /* *params->stop became nonzero: no answer */
 
 typedef struct {
     double beta_min;         /* > 0: first inverse temperature (auto: the fallback) */
@@ -63,6 +64,10 @@ typedef struct {
     double auto_accept;      /* in (0, 1): mean uphill acceptance at beta_min */
     double auto_range;       /* >= 1: beta_max / beta_min of the auto schedule */
     uint64_t seed;
+    /* NULL, or a flag the caller may set from another thread to stop the solve:
+     * read between sweeps and before each restart; once nonzero the solve ends
+     * within one sweep and returns ICBS_SA_ESTOP. */
+    const volatile int32_t *stop;
 } icbs_sa_params;
 
 typedef struct {
@@ -86,6 +91,9 @@ typedef struct {
  * keeps the best state it visited, not only its last one.
  *
  * Memory: besides Q, O(n) per thread plus O(n) shared.
+ *
+ * Returns ICBS_SA_OK, ICBS_SA_EINVAL, ICBS_SA_ENOMEM, or ICBS_SA_ESTOP when
+ * params->stop was set during the solve (x_out and result are then unusable).
  */
 int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
                   const icbs_sa_params *params, int8_t *x_out, icbs_sa_result *result);

@@ -310,6 +310,20 @@ static void test_larger_problem(void) {
     free(x);
 }
 
+static void test_stop_flag(void) {
+    const int64_t n = 100;
+    double *Q = random_q(n, 5);
+    int8_t x[100];
+    icbs_sa_result r = {0};
+    volatile int32_t stop = 1;
+    icbs_sa_params p = default_params(n, 4);
+    p.stop = &stop;
+    CHECK(icbs_sa_solve(Q, n, 40, NULL, &p, x, &r) == ICBS_SA_ESTOP, "stop set");
+    stop = 0;
+    CHECK(icbs_sa_solve(Q, n, 40, NULL, &p, x, &r) == ICBS_SA_OK, "stop clear");
+    free(Q);
+}
+
 int main(void) {
     test_exact_on_small_problems();
     test_same_answer_for_any_thread_count();
@@ -318,6 +332,7 @@ int main(void) {
     test_bad_arguments();
     test_auto_range();
     test_larger_problem();
+    test_stop_flag();
     printf("%d checks, %d failed\n", checks, failures);
     return failures != 0;
 }

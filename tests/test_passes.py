@@ -159,6 +159,22 @@ def test_check_pass_undoes_a_pass_that_raised_the_batch_loss():
     assert result.accepted == sum(p.accepted for p in result.passes)
 
 
+def test_check_blocks_keeps_only_moves_that_lower_the_batch_loss():
+    pruner, result = run(steps=8, blocks_per_step=3, check_blocks=True, **PAPER)
+    undone = [r for r in result.records if r.rolled_back]
+    assert undone and len(undone) < sum(r.accepted for r in result.records)
+    checked = [p for p in result.passes if p.loss_after is not None]
+    assert checked
+    for p in checked:
+        assert p.loss_after <= p.loss_before
+    # the masks in force are those of the moves that stood
+    keep = pruner.masks()
+    for name, L in pruner._layers.items():
+        assert torch.equal(keep[name].reshape(-1), ~L.pruned)
+        w = dict(pruner.model.named_modules())[name].weight.reshape(-1)
+        assert torch.equal(w != 0, ~L.pruned & (L.w0 != 0))
+
+
 def test_tapes_share_inputs_and_match_single_layer_recording():
     torch.manual_seed(0)
     lin = nn.Linear(6, 6)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import queue
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +59,8 @@ MIN_SWEEP_SIZE = 64
 MIN_BETA_FACTOR = 1.0001
 #: ``num_threads`` is a C ``int``.
 MAX_THREADS = 2**31 - 1
+#: Seconds between the main thread's checks for signals while a core call runs.
+_WAIT_SLICE = 0.05
 
 
 class _ForkGuard:
@@ -83,6 +87,83 @@ def _native_module() -> Any:
     from icbs_opt import _native
 
     return _native
+
+
+def _stop_flag() -> np.ndarray:
+    """A fresh stop flag for the core: setting ``flag[0] = 1`` ends its solves."""
+    return np.zeros(1, dtype=np.int32)
+
+
+class _CoreThread:
+    """One long-lived helper thread that runs the main thread's core calls.
+
+    A thread per call would cost about a millisecond (and a new OpenMP pool) for
+    every small solve. A forked child starts its own helper when it needs one.
+    """
+
+    _jobs: queue.SimpleQueue | None = None
+
+    @classmethod
+    def submit(cls, job: Callable[[], None]) -> None:
+        if cls._jobs is None:
+            cls._jobs = queue.SimpleQueue()
+            threading.Thread(
+                target=cls._serve,
+                args=(cls._jobs,),
+                name="icbs-native-main",
+                daemon=True,
+            ).start()
+        cls._jobs.put(job)
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while True:
+            jobs.get()()
+
+    @classmethod
+    def after_fork_in_child(cls) -> None:
+        cls._jobs = None  # the helper thread did not survive the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_CoreThread.after_fork_in_child)
+
+
+def _call_core(solve: Callable[[], Any], stop: np.ndarray) -> Any:
+    """Run ``solve()`` (a core call on ``stop``) so that Ctrl-C ends it promptly.
+
+    The core runs without the GIL and does not return to Python until it ends,
+    and Python runs signal handlers in the main thread only. So from the main
+    thread the call runs on a helper thread while this one waits in short
+    slices; when a handler raises (``KeyboardInterrupt``, or what a SIGTERM
+    handler raises) the flag is set, the core stops within a sweep, and the
+    exception goes on. Other threads call the core directly (their caller stops
+    them through ``stop``, as :meth:`NativeBackend.solve_many` does).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return solve()
+    box: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def job() -> None:
+        try:
+            box["value"] = solve()
+        except BaseException as exc:  # handed to the main thread below
+            box["error"] = exc
+        finally:
+            finished.set()
+
+    _CoreThread.submit(job)
+    try:
+        while not finished.wait(_WAIT_SLICE):
+            pass
+    except BaseException:
+        stop[0] = 1
+        finished.wait()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _seed64(seed: int) -> int:
@@ -125,6 +206,9 @@ class NativeBackend(Backend):
     """
 
     name = "native"
+    #: The core's stop flag for this object's solves (``solve_many`` sets one per
+    #: batch on its copy); ``None``: a fresh flag per solve.
+    _stop: np.ndarray | None = None
     options = (
         Option(
             "num_restarts",
@@ -245,13 +329,21 @@ class NativeBackend(Backend):
 
         The problems then share the cores instead of each starting a thread per
         core; answers do not depend on the thread count.
+
+        Ctrl-C (or any exception) stops the solves already running within a
+        sweep, through one stop flag shared by the batch.
         """
         one = copy.copy(self)
+        one._stop = _stop_flag()
         if workers != 1 and len(problems) > 1:
             one._params = {**self._params, "num_threads": 1}
-        return Backend.solve_many(
-            one, problems, seeds=seeds, x0s=x0s, workers=workers, done=done
-        )
+        try:
+            return Backend.solve_many(
+                one, problems, seeds=seeds, x0s=x0s, workers=workers, done=done
+            )
+        except BaseException:
+            one._stop[0] = 1  # the pool's running solves; queued ones are cancelled
+            raise
 
     def _solve(
         self, problem: BlockProblem, *, seed: int | None, x0: np.ndarray | None
@@ -262,28 +354,21 @@ class NativeBackend(Backend):
         if seed is None:  # draw one and report it, so that the run can be repeated
             seed = secrets.randbits(63)
         seed64 = _seed64(seed)
-        beta_min, beta_max = self._fixed_range()
         sweep_size = max(problem.n, MIN_SWEEP_SIZE)
         threads = p["num_threads"]
         if _ForkGuard.single_thread and threads != 1:
             log.debug("forked from a process that ran OpenMP threads: one thread")
             threads = 1
-        x, run = native.solve(
-            np.ascontiguousarray(problem.Q, dtype=np.float64),  # no copy: float64 C
-            problem.k,
-            None if x0 is None else np.ascontiguousarray(x0, dtype=np.int8),
-            seed=seed64,
-            num_restarts=p["num_restarts"],
-            beta_min=beta_min,
-            beta_max=beta_max,
-            beta_factor=p["beta_factor"],
-            sweeps_per_beta=p["sweeps_per_beta"],
-            sweep_size=sweep_size,
-            num_threads=threads,
-            auto_schedule=not fixed,
-            auto_samples=AUTO_SAMPLES,
-            auto_accept=AUTO_ACCEPT,
-            auto_range=AUTO_RANGE,
+        stop = self._stop if self._stop is not None else _stop_flag()
+        x, run = _call_core(
+            lambda: native.solve(
+                np.ascontiguousarray(problem.Q, dtype=np.float64),  # float64 C: no copy
+                problem.k,
+                None if x0 is None else np.ascontiguousarray(x0, dtype=np.int8),
+                stop=stop,
+                **self._core_options(seed64, threads, sweep_size, fixed),
+            ),
+            stop,
         )
         if run["num_threads"] > 1:
             _ForkGuard.pool_started = True
@@ -302,6 +387,27 @@ class NativeBackend(Backend):
             " (trivial: k = 0 or k = n)" if problem.k in (0, problem.n) else "",
         )
         return x, info
+
+    def _core_options(
+        self, seed64: int, threads: int, sweep_size: int, fixed: bool
+    ) -> dict[str, Any]:
+        """The keyword arguments of ``_native.solve`` besides the arrays."""
+        p = self._params
+        beta_min, beta_max = self._fixed_range()
+        return {
+            "seed": seed64,
+            "num_restarts": p["num_restarts"],
+            "beta_min": beta_min,
+            "beta_max": beta_max,
+            "beta_factor": p["beta_factor"],
+            "sweeps_per_beta": p["sweeps_per_beta"],
+            "sweep_size": sweep_size,
+            "num_threads": threads,
+            "auto_schedule": not fixed,
+            "auto_samples": AUTO_SAMPLES,
+            "auto_accept": AUTO_ACCEPT,
+            "auto_range": AUTO_RANGE,
+        }
 
     def _info(
         self, run: dict[str, Any], sweep_size: int, seed: int, openmp: bool

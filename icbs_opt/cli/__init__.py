@@ -3,8 +3,8 @@
 Each subcommand is a pair ``add_<name>(subparsers)`` / ``_cmd_<name>(args) -> int``:
 the solver commands in :mod:`icbs_opt.cli.solvers`, the pruning commands in
 :mod:`icbs_opt.cli.prune`. Errors of the library (bad input, unknown names,
-unavailable backends, missing files) print one line on stderr and exit with
-status 2.
+unavailable backends, missing files, unwritable outputs) print one line on
+stderr and exit with status 2; Ctrl-C exits with 130 and SIGTERM with 143.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import sys
 from collections.abc import Sequence
 
 from icbs_opt import __version__
-from icbs_opt.cli.common import USER_ERRORS
+from icbs_opt.cli.common import (
+    USER_ERRORS,
+    Terminated,
+    interrupt_status,
+    sigterm_interrupts,
+)
 from icbs_opt.cli.prune import add_evaluate, add_prune
 from icbs_opt.cli.solvers import add_backends, add_compare, add_solve
 
@@ -50,13 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with sigterm_interrupts():
+            return args.func(args)
     except USER_ERRORS as exc:
         print(f"icbs-opt: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("icbs-opt: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"icbs-opt: {what}", file=sys.stderr)
+        return interrupt_status(exc)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What every ``icbs-opt`` command shares: user errors, key=value flags, JSON."""
+"""What every ``icbs-opt`` command shares: user errors, flags, outputs, interrupts."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
-import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from icbs_opt.atomic import atomic_path as atomic_path  # re-exported
+from icbs_opt.atomic import atomic_write, json_default
 from icbs_opt.errors import (
     BackendError,
     BackendUnavailable,
@@ -28,6 +32,45 @@ USER_ERRORS = (
     PruningError,
     OSError,
 )
+
+
+#: Exit status after Ctrl-C (128 + SIGINT) and after SIGTERM (128 + SIGTERM).
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM while :func:`sigterm_interrupts` holds.
+
+    A ``KeyboardInterrupt``, so that everything that stops cleanly on Ctrl-C
+    (native solves, ``compare``'s partial results) stops the same way.
+    """
+
+
+def interrupt_status(exc: BaseException) -> int:
+    """The exit status for an interrupt: 143 after SIGTERM, else 130."""
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread.
+
+    Outside the main thread (where Python cannot set handlers) it does nothing.
+    The previous handler comes back on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -55,36 +98,62 @@ def add_backend_option_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def json_default(value: Any) -> Any:
-    """JSON fallback for numpy scalars and arrays in ``info``."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
 def write_json(path: str, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path``; ``-`` means standard output.
 
-    A file is written atomically (a temporary file in the same folder, then a
-    rename), so an interrupted write never leaves truncated JSON behind.
+    A file is written atomically (see :func:`atomic_write`), so an interrupted
+    write never leaves truncated JSON behind.
     """
     text = json.dumps(data, indent=2, default=json_default)
     if path == "-":
         print(text)
         return
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text + "\n"))
+
+
+def check_output(
+    path: str, *, folder: bool, ours: Callable[[Path], bool] | None = None
+) -> None:
+    """Fail now, not after the run, if ``path`` cannot be written.
+
+    Fast and free of side effects: nothing is created. ``-`` (standard output)
+    is accepted for a file.
+
+    Args:
+        path: The output file or folder.
+        folder: Whether ``path`` is a folder (checkpoints, harvest) or a file.
+        ours: For an existing file output, whether it may be replaced; by default
+            any existing regular file may.
+
+    Raises:
+        DataError: A symbolic link, a file where a folder is wanted or the other
+            way round, a file that is not ours, or no writable parent folder.
+
+    Example:
+        >>> check_output("-", folder=False)
+    """
+    if path == "-" and not folder:
+        return
+    target = Path(path)
+    if target.is_symlink():
+        raise DataError(f"output {path!r} is a symbolic link; give another path")
+    if folder and target.exists() and not target.is_dir():
+        raise DataError(f"output folder {path!r} is an existing file")
+    if not folder and target.is_dir():
+        raise DataError(f"output file {path!r} is a directory")
+    if not folder and target.exists():
+        if not target.is_file():
+            raise DataError(f"output file {path!r} is not a regular file")
+        if ours is not None and not ours(target):
+            raise DataError(
+                f"output file {path!r} exists and was not written by icbs-opt; "
+                "give another path or remove it"
+            )
+    parent = target if folder and target.is_dir() else target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write {path!r}: {str(parent)!r} is not writable")
 
 
 def add_json_flag(parser: argparse.ArgumentParser, what: str) -> None:

@@ -9,27 +9,41 @@ options, output paths) is checked before the model loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from icbs_opt.atomic import atomic_path
 from icbs_opt.backends import Backend, get_backend
 from icbs_opt.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     add_backend_option_flag,
     add_json_flag,
+    check_output,
     hide_loading_bars,
     parse_key_values,
     progress_bar,
     write_json,
 )
 from icbs_opt.errors import DataError, PruningError
-from icbs_opt.settings import Preset
+from icbs_opt.settings import (
+    CHECKPOINT_FILE,
+    Preset,
+    PruneConfig,
+    RunSettings,
+    checkpoint_file,
+    read_checkpoint_settings,
+)
 from icbs_opt.tasks import TaskSpec, task_names, task_spec
 
 #: Settings flags of `prune`: (flag, PruneConfig or RunSettings field, keywords).
@@ -48,10 +62,24 @@ SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--check-pass", "check_pass", {"action": "store_const", "const": True,
                                     "help": "undo a pass that raised the batch "
                                     "loss"}),
+    ("--check-blocks", "check_blocks", {"action": "store_const", "const": True,
+                                        "help": "undo each block of a pass that "
+                                        "raised the batch loss (a forward per "
+                                        "block: for small models)"}),
+    ("--refit", "refit", {"action": "store_const", "const": True,
+                          "help": "after the last step, refit the kept weights "
+                          "to the dense layers' outputs (least squares)"}),
+    ("--refit-every", "refit_every", {"type": int, "metavar": "S",
+                                      "help": "also refit every S steps (0: "
+                                      "never during the run)"}),
+    ("--refit-target", "refit_target", {"help": "refit to the original layers' "
+                                        "outputs on the dense model's inputs "
+                                        "(dense) or the pruned model's (current)"}),
     ("--block-size", "block_size", {"type": int, "help": "weights per block, n"}),
     ("--k", "k", {"type": int, "help": "pruned weights per block (n // 2 if unset)"}),
     ("--init", "init", {"help": "initial mask: magnitude, wanda, gradient, random; "
-                        "the first three also *_per_output, *_per_input"}),
+                        "the first three also *_per_output, *_per_input; or "
+                        "sparsegpt (mask and updated weights)"}),
     ("--selection", "selection", {"help": "gradient, magnitude, wanda or random"}),
     ("--hessian", "hessian", {"help": "gradient_per_sample, gradient_mean, exact "
                               "or exact_piecewise"}),
@@ -77,6 +105,17 @@ SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--eval-every", "eval_every", {"type": int, "help": "evaluate every S steps "
                                     "(0: only before and after)"}),
     ("--threads", "threads", {"type": int, "help": "torch CPU threads"}),
+    ("--keep-best", "keep_best", {"action": "store_const", "const": True,
+                                  "help": "end with the mask that scored best on "
+                                  "the validation split (needs --eval-every; "
+                                  "see --val-fraction, --val-windows)"}),
+    ("--time-budget", "time_budget", {"type": float, "metavar": "MINUTES",
+                                      "help": "stop after the step that crosses "
+                                      "MINUTES since the command started"}),
+    ("--checkpoint-every", "checkpoint_every", {"type": int, "metavar": "S",
+                                                "help": "write a checkpoint every "
+                                                "S steps (0: only when stopped "
+                                                "early)"}),
     ("--seed", "seed", {"type": int, "help": "seed of every random choice"}),
 )  # fmt: skip
 
@@ -117,6 +156,8 @@ def _add_task_options(
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", name)}
         if f.type in ("int", int):
             kwargs["type"] = int
+        if f.type in ("float", float):
+            kwargs["type"] = float
         if f.type in ("bool", bool):
             kwargs.update(action="store_const", const=True)
         else:
@@ -132,7 +173,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         help=f"task: {', '.join(task_names())} (default digits-mlp; causal-lm "
         "when --model is given)",
     )
-    p.add_argument("--backend", default="native", help="backend (default native)")
+    p.add_argument("--backend", help="backend (default native)")
     add_backend_option_flag(p)
     p.add_argument("--layers", help="comma-separated module names (default: task's)")
     p.add_argument("--out", metavar="DIR", help="write masks, model, settings, results")
@@ -140,6 +181,16 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="plot the metric against steps")
     p.add_argument(
         "--harvest", metavar="DIR", help="save every block problem as .npz in DIR"
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help=f"write {CHECKPOINT_FILE} here (default: the --out folder)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run checkpointed in DIR, with its settings and outputs",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     group = p.add_argument_group("pruning settings (default: the task's preset)")
@@ -151,9 +202,22 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------- plan
+#: Settings a resumed run may change: they leave its results as they were.
+RESUME_MAY_CHANGE = ("time_budget", "checkpoint_every")
+#: Outputs that are folders.
+FOLDER_OUTPUTS = ("out", "harvest", "checkpoint")
+#: A non-empty --out or --checkpoint folder must hold one of these (icbs-opt's).
+_OURS = ("prune_config.json", CHECKPOINT_FILE)
+
+
 @dataclass
 class PrunePlan:
-    """Everything a `prune` run needs, validated before any model loads."""
+    """Everything a `prune` run needs, validated before any model loads.
+
+    Attributes:
+        checkpoint: The checkpoint file this run writes (None: no place for one).
+        resume: The checkpoint file this run continues (None: a new run).
+    """
 
     spec: TaskSpec
     options: Any
@@ -162,6 +226,20 @@ class PrunePlan:
     layers: list[str] | None
     outputs: dict[str, str]
     progress: bool
+    checkpoint: str | None = None
+    resume: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the plan and a resume is compared with."""
+        return {
+            "task": self.spec.name,
+            "task_options": dataclasses.asdict(self.options),
+            "backend": self.backend.name,
+            "backend_options": self.backend.parameters,
+            **self.preset.to_dict(),
+            "layers": self.layers,
+            "outputs": self.outputs,
+        }
 
 
 def _given_task_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,76 +247,214 @@ def _given_task_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _plan(args: argparse.Namespace) -> PrunePlan:
-    """Settings, backend, task options and output paths, checked cheaply."""
-    spec = task_spec(args.task or ("causal-lm" if args.task_model else "digits-mlp"))
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     given = {dest: getattr(args, dest) for _, dest, _ in SETTING_FLAGS}
-    preset = spec.preset.replace(**{k: v for k, v in given.items() if v is not None})
-    options = spec.make_options(**_given_task_options(args))
-    backend_options = parse_key_values(args.backend_option, "--backend-option")
-    backend = get_backend(args.backend, **backend_options)
-    layers = [s.strip() for s in args.layers.split(",")] if args.layers else None
-    outputs = {
-        "out": args.out,
-        "json": args.json,
-        "plot": args.plot,
-        "harvest": args.harvest,
-    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _plan(args: argparse.Namespace) -> PrunePlan:
+    """Output paths first, then settings, backend and task options, all cheap."""
+    outputs = {key: getattr(args, key) for key in ("out", "json", "plot", "harvest")}
+    outputs["checkpoint"] = args.checkpoint
     outputs = {k: v for k, v in outputs.items() if v is not None}
+    _check_outputs(outputs)
+    if args.resume is not None:
+        return _resume_plan(args, outputs)
+    spec = task_spec(args.task or ("causal-lm" if args.task_model else "digits-mlp"))
+    preset = spec.preset.replace(**_given_settings(args))
+    checkpoint = _checkpoint_path(outputs, preset)
+    options = spec.make_options(**_given_task_options(args))
+    if preset.run.keep_best:
+        options = _with_validation(spec.name, options)
+    backend_options = parse_key_values(args.backend_option, "--backend-option")
+    backend = get_backend(args.backend or "native", **backend_options)
+    layers = [s.strip() for s in args.layers.split(",")] if args.layers else None
+    return PrunePlan(spec, options, preset, backend, layers, outputs,
+                     not args.no_progress, checkpoint)  # fmt: skip
+
+
+def _with_validation(task: str, options: Any) -> Any:
+    if not hasattr(options, "with_validation"):
+        raise DataError(f"task {task!r} has no validation split for --keep-best")
+    return options.with_validation()
+
+
+def _checkpoint_path(outputs: dict[str, str], preset: Preset) -> str | None:
+    """Where checkpoints go: ``--checkpoint DIR``, else the ``--out`` folder."""
+    folder = outputs.get("checkpoint", outputs.get("out"))
+    if folder is not None:
+        return os.path.join(folder, CHECKPOINT_FILE)
+    if preset.run.checkpoint_every:
+        raise PruningError("--checkpoint-every needs --out or --checkpoint DIR")
+    return None
+
+
+def _check_outputs(outputs: dict[str, str]) -> None:
+    """Fail now, not after the run, on an output that cannot or must not be written.
+
+    A folder that already holds files must be one icbs-opt wrote: it has a
+    ``prune_config.json`` or a checkpoint.
+    """
     for key, path in outputs.items():
-        _check_output(path, folder=key in ("out", "harvest"))
-    return PrunePlan(
-        spec, options, preset, backend, layers, outputs, not args.no_progress
+        check_output(path, folder=key in FOLDER_OUTPUTS)
+        folder = Path(path)
+        if key not in ("out", "checkpoint") or not folder.is_dir():
+            continue
+        ours = any((folder / name).exists() for name in _OURS)
+        if not ours and any(folder.iterdir()):
+            raise DataError(
+                f"output folder {path!r} holds files icbs-opt did not write (no "
+                f"{' or '.join(_OURS)}); give a new or empty folder"
+            )
+
+
+def _resume_plan(args: argparse.Namespace, outputs: dict[str, str]) -> PrunePlan:
+    """The plan of the checkpoint in ``--resume``; a changed setting is refused."""
+    saved = read_checkpoint_settings(args.resume)
+    spec = task_spec(saved["task"])
+    preset = Preset(PruneConfig(**saved["config"]), RunSettings(**saved["run"]))
+    preset = preset.replace(**_given_settings(args))
+    outputs = {**saved["outputs"], **outputs}
+    checkpoint = _checkpoint_path(outputs, preset)
+    options = spec.make_options(
+        **{**saved["task_options"], **_given_task_options(args)}
     )
+    name = args.backend or saved["backend"]
+    backend_options = saved["backend_options"] if name == saved["backend"] else {}
+    if args.backend_option:
+        backend_options = parse_key_values(args.backend_option, "--backend-option")
+    backend = get_backend(name, **backend_options)
+    layers = saved["layers"]
+    if args.layers:
+        layers = [s.strip() for s in args.layers.split(",")]
+    plan = PrunePlan(spec, options, preset, backend, layers, outputs,
+                     not args.no_progress, checkpoint,
+                     resume=checkpoint_file(args.resume))  # fmt: skip
+    _refuse_changes(saved, plan.settings())
+    _check_outputs(plan.outputs)
+    return plan
 
 
-def _check_output(path: str, *, folder: bool) -> None:
-    """Fail now, not after the run, if ``path`` cannot be written."""
-    if path == "-" and not folder:
-        return
-    target = Path(path)
-    if folder and target.exists() and not target.is_dir():
-        raise DataError(f"output folder {path!r} is an existing file")
-    if not folder and target.is_dir():
-        raise DataError(f"output file {path!r} is a directory")
-    parent = target if folder and target.is_dir() else target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"cannot write {path!r}: {str(parent)!r} is not writable")
+def _refuse_changes(saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """Raise, naming the flag, if ``given`` settings differ from ``saved`` ones."""
+
+    def flat(s: dict[str, Any]) -> dict[str, Any]:
+        keys = ("task", "backend", "backend_options", "layers")
+        return {**s["task_options"], **s["config"], **s["run"],
+                **{k: s[k] for k in keys}}  # fmt: skip
+
+    old, new = flat(saved), flat(given)
+    for key, value in new.items():
+        if key not in RESUME_MAY_CHANGE and value != old.get(key):
+            raise PruningError(
+                f"cannot resume with {_flag(key)} {value!r}: the checkpoint's run "
+                f"has {old.get(key)!r} (only --time-budget and --checkpoint-every "
+                "may change)"
+            )
 
 
 # ---------------------------------------------------------------------- run
+class _Stopper:
+    """The ``stop`` of a run: a first SIGINT/SIGTERM, or the time budget.
+
+    The first signal asks the run to stop after the current step; a second
+    one while the loop runs abandons that step (a KeyboardInterrupt).
+
+    Args:
+        budget: Minutes from now after which to stop (None: no limit).
+    """
+
+    def __init__(self, budget: float | None):
+        self.deadline = None if budget is None else time.monotonic() + 60 * budget
+        self.signal: str | None = None
+        self.abandonable = True
+
+    def __call__(self) -> str | None:
+        if self.signal is not None:
+            return "interrupted"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "time_budget"
+        return None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            print(
+                f"icbs-opt: {self.signal}: stopping after the current step to write "
+                "the results (Ctrl-C again abandons the step)",
+                file=sys.stderr,
+            )
+        elif self.abandonable:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle SIGINT and SIGTERM within the block (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        kinds = (signal.SIGINT, signal.SIGTERM)
+        previous = {kind: signal.signal(kind, self._handle) for kind in kinds}
+        try:
+            yield
+        finally:
+            for kind, handler in previous.items():
+                signal.signal(kind, handler)
+
+    @property
+    def exit_status(self) -> int:
+        """130 after SIGINT, 143 after SIGTERM, else 0."""
+        codes = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}
+        return codes.get(self.signal or "", 0)
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     plan = _plan(args)
+    stopper = _Stopper(plan.preset.run.time_budget)
     if not (plan.progress and sys.stderr.isatty()):
         hide_loading_bars()
     import torch
 
+    from icbs_opt.memory import release_freed_memory
+
+    release_freed_memory()
     if plan.preset.run.threads is not None:
         torch.set_num_threads(plan.preset.run.threads)
     task = plan.spec.build(plan.options)
-    summary, pruner, result = _run(plan, task)
-    if plan.outputs.get("json") != "-":  # stdout is the JSON's alone
-        _print_prune_table(summary)
-    _write_outputs(plan, task, pruner, summary, result)
-    return 0
+    pruner, start, resume = _start(plan, task)
+    try:
+        with stopper.installed():
+            result = _prune(plan, task, pruner, stopper, resume)
+            stopper.abandonable = False  # from here on the results are written
+            summary = _finish(plan, task, pruner, result, start, stopper)
+            if plan.outputs.get("json") != "-":  # stdout is the JSON's alone
+                _print_prune_table(summary)
+            _write_outputs(plan, task, pruner, summary, result)
+    finally:
+        pruner.close()
+    if result.stopped:
+        _print_stop(plan, summary)
+    return stopper.exit_status
 
 
-def _run(plan: PrunePlan, task: Any) -> tuple[dict[str, Any], Any, Any]:
-    """Evaluate the dense model, prune, and summarise."""
+def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
+    """Evaluate the dense model, build the Pruner, load the checkpoint resumed.
+
+    Returns:
+        The pruner, facts for the summary, and the result to resume (or None).
+    """
     from icbs_opt.compare import Harvester
-    from icbs_opt.pruning import Pruner, nonzero_density, prune
+    from icbs_opt.pruning import Pruner, nonzero_density
+    from icbs_opt.pruning.checkpoint import load_checkpoint
     from icbs_opt.pruning.state import resolve_layers
 
-    config, run = plan.preset.config, plan.preset.run
     layers = [n for n, _ in resolve_layers(task.model, plan.layers or task.layers)]
     dense = {
         **task.evaluate(task.model),
         "density": nonzero_density(task.model, layers),
     }
     harvest = plan.outputs.get("harvest")
-    start = time.perf_counter()
+    t = time.perf_counter()
     pruner = Pruner(
         task.model,
         task.loss_fn,
@@ -246,45 +462,100 @@ def _run(plan: PrunePlan, task: Any) -> tuple[dict[str, Any], Any, Any]:
         layers=layers,
         calibration=task.calibration,
         problem_hook=Harvester(harvest, task.name) if harvest else None,
-        config=config,
+        config=plan.preset.config,
     )
-    init_seconds = time.perf_counter() - start
-    init_density = nonzero_density(task.model, layers)
+    start = {"layers": layers, "dense": dense, "init_seconds": time.perf_counter() - t,
+             "init_density": nonzero_density(task.model, layers)}  # fmt: skip
+    if plan.resume is None:
+        return pruner, start, None
+    saved = load_checkpoint(plan.resume)
+    pruner.load_state_dict(saved.state)
+    return pruner, start, saved.result
+
+
+def _prune(
+    plan: PrunePlan, task: Any, pruner: Any, stopper: _Stopper, resume: Any
+) -> Any:
+    """The loop, with progress, validation, checkpoints and the stopper."""
+    from icbs_opt.pruning import prune
+
+    run = plan.preset.run
     with progress_bar(run.steps, "prune", "pass", enabled=plan.progress) as bar:
+        if resume is not None:
+            bar.update(resume.steps_done)
         on_pass, evaluate = _progress_callbacks(bar, task)
-        try:
-            result = prune(
-                pruner,
-                task.batches(config.seed),
-                run.steps,
-                evaluate=evaluate,
-                eval_every=run.eval_every,
-                on_pass=on_pass,
-            )
-        finally:
-            pruner.close()
-    init, final = result.history[0], result.history[-1]
-    summary = {
+        return prune(
+            pruner,
+            task.batches(plan.preset.config.seed),
+            run.steps,
+            evaluate=evaluate,
+            eval_every=run.eval_every,
+            on_pass=on_pass,
+            validate=task.validate if run.keep_best else None,
+            higher_is_better=task.higher_is_better,
+            stop=stopper,
+            checkpoint=lambda result: _save_checkpoint(plan, pruner, result),
+            checkpoint_every=run.checkpoint_every if plan.checkpoint else 0,
+            resume=resume,
+        )
+
+
+def _save_checkpoint(plan: PrunePlan, pruner: Any, result: Any) -> None:
+    from icbs_opt.pruning.checkpoint import save_checkpoint
+
+    save_checkpoint(plan.checkpoint, pruner, result, plan.settings())  # type: ignore[arg-type]
+
+
+def _finish(
+    plan: PrunePlan,
+    task: Any,
+    pruner: Any,
+    result: Any,
+    start: dict[str, Any],
+    stopper: _Stopper,
+) -> dict[str, Any]:
+    """Checkpoint, restore the best mask (``--keep-best``), and summarise."""
+    from icbs_opt.pruning import nonzero_density
+    from icbs_opt.pruning.loop import restore_best
+
+    config, run = plan.preset.config, plan.preset.run
+    checkpoint = None
+    if plan.checkpoint and (result.stopped or run.checkpoint_every or plan.resume):
+        _save_checkpoint(plan, pruner, result)  # before the best mask is restored
+        checkpoint = plan.checkpoint
+    best = restore_best(pruner, result) if run.keep_best else None
+    final = best or result.history[-1]
+    if final["step"] != result.steps_done:  # an abandoned step lost its evaluation
+        final = {"step": result.steps_done, **task.evaluate(task.model)}
+    init = result.history[0]
+    return {
         "task": task.name,
         "density": config.density,
         "backend": plan.backend.name,
         "seed": config.seed,
         "metric": task.metric,
-        "dense": dense,
+        "dense": start["dense"],
         "init": {"method": config.init, "metric": init["metric"],
-                 "loss": init["loss"], "density": init_density,
-                 "seconds": init_seconds},
+                 "loss": init["loss"], "density": start["init_density"],
+                 "seconds": start["init_seconds"]},
         "final": {"metric": final["metric"], "loss": final["loss"],
-                  "density": nonzero_density(task.model, layers),
-                  "steps": run.steps, "blocks": len(result.records),
+                  "density": nonzero_density(task.model, start["layers"]),
+                  "steps": result.steps_done, "blocks": len(result.records),
                   "accepted": result.accepted, "seconds": result.seconds},
+        "steps_done": result.steps_done,
+        "stopped": result.stopped,
+        "interrupted": stopper.signal is not None,
+        "signal": stopper.signal,
+        "abandoned_step": result.abandoned,
+        "keep_best": best,
+        "checkpoint": checkpoint,
+        "resumed_from": plan.resume,
         "settings": plan.preset.to_dict(),
-        "layers": layers,
+        "layers": start["layers"],
         "executor": pruner.executor.description,
         "history": result.history,
         "passes": [p.to_dict() for p in result.passes],
     }  # fmt: skip
-    return summary, pruner, result
 
 
 def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
@@ -325,6 +596,30 @@ def _print_prune_table(s: dict[str, Any]) -> None:
         f"{s['settings']['config']['blocks_per_step']} block(s), "
         f"{f['accepted']} of {f['blocks']} blocks accepted"
     )
+    if s["keep_best"] is not None:
+        b = s["keep_best"]
+        print(
+            f"kept the best validation mask: step {b['step']}, validation "
+            f"{s['metric']} {b['val_metric']:.4g} (final is its test score)"
+        )
+
+
+def _print_stop(plan: PrunePlan, s: dict[str, Any]) -> None:
+    """Say on stderr why the run stopped, what it wrote and how to go on."""
+    why = {"interrupted": f"by {s['signal']}", "time_budget": "by --time-budget"}
+    lost = " (the step under way was abandoned)" if s["abandoned_step"] else ""
+    print(
+        f"icbs-opt: stopped {why.get(s['stopped'], s['stopped'])} after step "
+        f"{s['steps_done']} of {s['settings']['run']['steps']}{lost}",
+        file=sys.stderr,
+    )
+    written = [f"{k} {v}" for k, v in plan.outputs.items() if v != "-"]
+    if written:
+        print(f"icbs-opt: wrote {', '.join(written)}", file=sys.stderr)
+    if s["checkpoint"]:
+        folder = os.path.dirname(s["checkpoint"])
+        print(f"icbs-opt: continue with: icbs-opt prune --resume {folder}",
+              file=sys.stderr)  # fmt: skip
 
 
 # -------------------------------------------------------------------- write
@@ -343,11 +638,9 @@ def _write_outputs(
 
     os.makedirs(out, exist_ok=True)
     masks = {name: m.cpu().contiguous() for name, m in pruner.masks().items()}
-    save_file(
-        masks,
-        os.path.join(out, "masks.safetensors"),
-        metadata={"convention": "True = kept: weight == original weight * mask"},
-    )
+    with atomic_path(os.path.join(out, "masks.safetensors")) as tmp:
+        meta = {"convention": "True = kept: weight == original weight * mask"}
+        save_file(masks, tmp, metadata=meta)
     task.save_model(task.model, out)
     run = {
         "task": task.name,
@@ -382,7 +675,8 @@ def plot_history(history: Sequence[dict[str, float]], metric: str, path: str) ->
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

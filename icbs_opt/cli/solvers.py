@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from icbs_opt.backends import Backend, available_backends, backend_class, get_backend
 from icbs_opt.cli.common import (
+    Terminated,
     add_backend_option_flag,
     add_json_flag,
+    check_output,
+    interrupt_status,
     parse_key_values,
     progress_bar,
     write_json,
@@ -27,6 +31,7 @@ def add_backends(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
+    _check_outputs(args.json)
     rows = []
     for name, reason in available_backends().items():
         cls = backend_class(name)
@@ -74,6 +79,7 @@ def add_solve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_solve(args: argparse.Namespace) -> int:
+    _check_outputs(args.json)
     problem = BlockProblem.load(args.file, k=args.k)
     options = parse_key_values(args.backend_option, "--backend-option")
     backend = get_backend(args.backend, **options)
@@ -149,6 +155,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from icbs_opt import compare as cmp
     from icbs_opt.executors import make_executor
 
+    _check_outputs(args.json, args.csv, args.plot)
     backends = _compare_backends(args.backends, args.backend_option)
     problems, unreadable = cmp.load_problems(cmp.find_problem_files(args.problems))
     if not problems:
@@ -157,23 +164,37 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             "(each is named in a warning above)"
         )
     total = len(problems) * len(backends) * max(args.repeats, 1)
-    with (
-        make_executor(args.executor, workers=args.workers) as executor,
-        progress_bar(total, "compare", "run", enabled=not args.no_progress) as bar,
-    ):
+    finished: list[cmp.Run] = []  # what an interrupt still writes
+    try:
+        with (
+            make_executor(args.executor, workers=args.workers) as executor,
+            progress_bar(total, "compare", "run", enabled=not args.no_progress) as bar,
+        ):
 
-        def advance(run: cmp.Run) -> None:
-            bar.update(args.repeats - run.repeat if run.status == "skipped" else 1)
+            def advance(run: cmp.Run) -> None:
+                finished.append(run)
+                bar.update(args.repeats - run.repeat if run.status == "skipped" else 1)
 
-        result = cmp.compare(
-            problems,
-            backends,
-            repeats=args.repeats,
-            seed=args.seed,
-            unreadable=unreadable,
-            progress=advance,
-            executor=executor,
+            result = cmp.compare(
+                problems,
+                backends,
+                repeats=args.repeats,
+                seed=args.seed,
+                unreadable=unreadable,
+                progress=advance,
+                executor=executor,
+            )
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep the finished runs
+        partial = cmp.Comparison.of_runs(
+            problems, backends, finished, unreadable, interrupted=True
         )
+        return _compare_interrupted(args, partial, total, exc)
+    _write_comparison(args, result)
+    return 0
+
+
+def _write_comparison(args: argparse.Namespace, result: Any) -> None:
+    """The table on standard output and the ``--json/--csv/--plot`` files."""
     if args.json:
         write_json(args.json, result.to_dict())
     if args.json != "-":  # standard output holds the JSON alone
@@ -182,7 +203,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         result.write_csv(args.csv)
     if args.plot:
         result.plot(args.plot)
-    return 0
+
+
+def _compare_interrupted(
+    args: argparse.Namespace, partial: Any, total: int, exc: KeyboardInterrupt
+) -> int:
+    """Write the runs finished before an interrupt; return 130 (143: SIGTERM)."""
+    files = [f for f in (args.json, args.csv) if f and f != "-"]
+    if args.json:
+        write_json(args.json, partial.to_dict())
+    if args.csv:
+        partial.write_csv(args.csv)
+    done = sum(run.status == "ok" for run in partial.runs)
+    where = f"; partial results in {', '.join(files)}" if files else ""
+    what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+    print(f"icbs-opt: {what} after {done} of {total} runs{where}", file=sys.stderr)
+    return interrupt_status(exc)
+
+
+def _check_outputs(*paths: str | None) -> None:
+    """Check each output file given before any work (``check_output``)."""
+    for path in paths:
+        if path:
+            check_output(path, folder=False)
 
 
 def _compare_backends(spec: str, items: list[str] | None) -> dict[str, Backend]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dimod
 import numpy as np
 
+from icbs_opt.atomic import atomic_write
 from icbs_opt.checks import check_int
 from icbs_opt.errors import ProblemError
+
+if TYPE_CHECKING:
+    import dimod
 
 #: Entries with ``|Q_ij|`` at or below this are set to zero by :meth:`scaled`.
 ZERO_CUTOFF = 1e-12
@@ -193,6 +196,8 @@ class BlockProblem:
         """
         linear, quad, offset = self._penalised_terms(penalty)
         rows, cols = np.nonzero(quad)
+        import dimod  # lazily: it takes half a second to import
+
         return dimod.BinaryQuadraticModel.from_numpy_vectors(
             linear, (rows, cols, quad[rows, cols]), offset, dimod.BINARY
         )
@@ -292,27 +297,38 @@ class BlockProblem:
 
     # ---------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> None:
-        """Write the problem to an ``.npz`` file (arrays ``Q``, ``k`` and meta)."""
+        """Write the problem to an ``.npz`` file (arrays ``Q``, ``k`` and meta).
+
+        As :func:`numpy.savez`, ``.npz`` is appended to a path without it. The
+        write is atomic (:func:`icbs_opt.atomic.atomic_write`).
+        """
         reserved = {"Q", "k"} & set(self._meta)
         if reserved:
             raise ProblemError(f"meta keys {sorted(reserved)} clash with Q and k")
-        np.savez(os.fspath(path), Q=self._Q, k=np.int64(self._k), **self._meta)
+        path = os.fspath(path)
+        arrays = {"Q": self._Q, "k": np.int64(self._k), **self._meta}
+        target = path if path.endswith(".npz") else path + ".npz"
+        atomic_write(target, lambda f: np.savez(f, **arrays), binary=True)
 
     def to_ubqp(self, path: str | os.PathLike) -> None:
         """Write the problem in the UBQP text format.
 
         A comment line ``# k = K``, a header ``n m`` and then ``m`` lines ``i j q``
-        (1-based, ``i <= j``) such that ``x^T Q x = sum q x_i x_j``.
+        (1-based, ``i <= j``) such that ``x^T Q x = sum q x_i x_j``. The write
+        is atomic (:func:`icbs_opt.atomic.atomic_write`).
         """
         upper = np.triu(2.0 * self._Q, 1) + np.diag(np.diag(self._Q))
         rows, cols = np.nonzero(upper)
-        with open(path, "w", encoding="ascii") as f:
+
+        def write(f: Any) -> None:
             f.write(f"# k = {self._k}\n{self.n} {rows.size}\n")
             np.savetxt(
                 f,
                 np.column_stack([rows + 1, cols + 1, upper[rows, cols]]),
                 fmt=("%d", "%d", "%.17g"),
             )
+
+        atomic_write(os.fspath(path), write)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, k: int | None = None) -> BlockProblem:

@@ -22,20 +22,42 @@ class PruneResult:
     Attributes:
         records: One :class:`StepRecord` per block.
         history: ``{step, metric, loss, seconds}`` per evaluation (step 0 is the
-            initial mask); ``seconds`` is pruning time so far, evaluations excluded.
+            initial mask), with ``val_metric`` and ``val_loss`` when validating;
+            ``seconds`` is pruning time so far, evaluations excluded.
         seconds: Total pruning time (evaluations excluded).
         passes: One :class:`PassRecord` per step (a pass of one or more blocks).
+        stopped: Why the run ended before its last step (the reason ``stop``
+            gave, or ``"interrupted"``), None if it ran every step.
+        abandoned: Whether a KeyboardInterrupt abandoned a step (its moves were
+            undone and the pruner's state is that of the step before).
+        best: The history point of the best validation score (with ``validate``).
+        best_masks: Keep masks of that point, ``{layer: bool tensor}``.
+        best_values: The kept weights' values at that point, by layer, when
+            they differ from the original weights (refit, sparsegpt), else None.
     """
 
     records: list[StepRecord]
     history: list[dict[str, float]]
     seconds: float
     passes: list[PassRecord] = field(default_factory=list)
+    stopped: str | None = None
+    abandoned: bool = False
+    best: dict[str, float] | None = None
+    best_masks: dict[str, torch.Tensor] | None = None
+    best_values: dict[str, torch.Tensor] | None = None
 
     @property
     def accepted(self) -> int:
         """Number of blocks whose move stands."""
         return sum(r.accepted and not r.rolled_back for r in self.records)
+
+    @property
+    def steps_done(self) -> int:
+        """Steps (passes) run so far."""
+        return len(self.passes)
+
+
+Scorer = Callable[[nn.Module], Mapping[str, float]]
 
 
 def prune(
@@ -43,12 +65,23 @@ def prune(
     batches: Iterable[tuple[Any, Any]],
     steps: int,
     *,
-    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    evaluate: Scorer | None = None,
     eval_every: int = 0,
     on_step: Callable[[StepRecord], None] | None = None,
     on_pass: Callable[[PassRecord], None] | None = None,
+    validate: Scorer | None = None,
+    higher_is_better: bool = True,
+    stop: Callable[[], str | None] | None = None,
+    checkpoint: Callable[[PruneResult], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: PruneResult | None = None,
 ) -> PruneResult:
     """Run ``steps`` steps, one batch each: a pass of ``blocks_per_step`` blocks.
+
+    The pruner's config may ask for refits of the kept weights
+    (:meth:`Pruner.refit`): every ``refit_every`` steps and, with ``refit``,
+    after the last step (before its evaluation; with ``steps=0``, before the
+    only one). Their time counts as pruning time.
 
     Args:
         pruner: The pruner.
@@ -60,9 +93,22 @@ def prune(
         eval_every: Evaluation period in steps (0: only before and after).
         on_step: Called with each block's record.
         on_pass: Called with each pass's record (a progress bar, say).
+        validate: Like ``evaluate``, on held-out data, at the same points; the
+            best point and its masks are kept (see :func:`restore_best`).
+        higher_is_better: Whether a larger validation metric is better.
+        stop: Called after each step; a reason (a string) ends the run there
+            (no evaluation is added: the history of a stopped and resumed run
+            is that of a run never stopped).
+        checkpoint: Called with the result every ``checkpoint_every`` steps
+            (the pruner is then at the end of that step).
+        checkpoint_every: Checkpoint period in steps (0: never).
+        resume: The result of an earlier, stopped run of this pruner (restored
+            with :meth:`Pruner.load_state_dict`) to continue; ``batches`` must
+            be the same sequence from its start, its used part is skipped.
 
     Returns:
-        The records, passes, evaluation history and pruning time.
+        The records, passes, evaluation history and pruning time. A
+        KeyboardInterrupt during a step abandons that step and ends the run.
 
     Raises:
         PruningError: For a negative ``steps`` or ``eval_every``.
@@ -70,31 +116,114 @@ def prune(
     """
     steps = check_int(steps, "steps", minimum=0, error=PruningError)
     eval_every = check_int(eval_every, "eval_every", minimum=0, error=PruningError)
-    result = PruneResult([], [], 0.0)
-
-    def score(step: int) -> None:
-        if evaluate is not None:
-            got = evaluate(pruner.model)
-            metric, loss = float(got["metric"]), float(got["loss"])
-            point = {"step": step, "metric": metric, "loss": loss}
-            result.history.append({**point, "seconds": result.seconds})
-
-    score(0)
+    result = resume if resume is not None else PruneResult([], [], 0.0)
+    score = _scorer(pruner, result, evaluate, validate, higher_is_better)
+    if resume is None:
+        if steps == 0 and pruner.config.refit:  # the initial mask, refit
+            result.seconds += pruner.refit()
+        score(0)
     feed = _batches(batches, steps)
-    for s in range(1, steps + 1):
-        X, y = next(feed)
-        t = time.perf_counter()
-        record = pruner.run_pass(X, y)
+    for _ in range(result.steps_done):
+        next(feed)
+    for s in range(result.steps_done + 1, steps + 1):
+        before = pruner.state_dict(layers=False)  # a step undoes its own moves
+        try:
+            X, y = next(feed)
+            t = time.perf_counter()
+            record = pruner.run_pass(X, y)
+        except KeyboardInterrupt:
+            pruner.load_state_dict(before)  # random states as before the step
+            result.stopped, result.abandoned = "interrupted", True
+            break
         result.seconds += time.perf_counter() - t
         result.passes.append(record)
         result.records.extend(record.blocks)
-        for block in record.blocks if on_step is not None else ():
-            on_step(block)
-        if on_pass is not None:
-            on_pass(record)
-        if s == steps or (eval_every and s % eval_every == 0):
-            score(s)
+        try:
+            _after_step(s, record, on_step, on_pass)
+            result.stopped = stop() if stop is not None else None
+            if _refit_due(pruner, s, steps):
+                result.seconds += pruner.refit()
+            if s == steps or (eval_every and s % eval_every == 0):
+                score(s)
+        except KeyboardInterrupt:  # the step stands; its evaluation is lost
+            result.stopped, result.abandoned = "interrupted", True
+        if result.stopped:
+            break
+        if checkpoint is not None and checkpoint_every and s % checkpoint_every == 0:
+            checkpoint(result)
     return result
+
+
+def _refit_due(pruner: Pruner, s: int, steps: int) -> bool:
+    """Whether step ``s`` ends with a refit (``refit_every``, or the last step)."""
+    cfg = pruner.config
+    return bool(cfg.refit_every and s % cfg.refit_every == 0) or (
+        cfg.refit and s == steps
+    )
+
+
+def _after_step(
+    s: int,
+    record: PassRecord,
+    on_step: Callable[[StepRecord], None] | None,
+    on_pass: Callable[[PassRecord], None] | None,
+) -> None:
+    for block in record.blocks if on_step is not None else ():
+        on_step(block)
+    if on_pass is not None:
+        on_pass(record)
+
+
+def _scorer(
+    pruner: Pruner,
+    result: PruneResult,
+    evaluate: Scorer | None,
+    validate: Scorer | None,
+    higher_is_better: bool,
+) -> Callable[[int], None]:
+    """``score(step)``: evaluate, validate, and keep the best validated mask."""
+
+    def score(step: int) -> None:
+        point: dict[str, float] = {"step": step}
+        if evaluate is not None:
+            got = evaluate(pruner.model)
+            point.update(metric=float(got["metric"]), loss=float(got["loss"]))
+        if validate is not None:
+            got = validate(pruner.model)
+            value = float(got["metric"])
+            point.update(val_metric=value, val_loss=float(got["loss"]))
+            best = result.best["val_metric"] if result.best else None
+            if best is None or (value > best if higher_is_better else value < best):
+                _keep_best(result, point, pruner)
+        if evaluate is not None or validate is not None:
+            result.history.append({**point, "seconds": result.seconds})
+
+    return score
+
+
+def _keep_best(result: PruneResult, point: dict[str, float], pruner: Pruner) -> None:
+    layers = pruner.state_dict()["layers"]
+    values = {k: v["keep_values"] for k, v in layers.items() if "keep_values" in v}
+    result.best, result.best_masks = dict(point), pruner.masks()
+    result.best_values = values or None
+
+
+def restore_best(pruner: Pruner, result: PruneResult) -> dict[str, float] | None:
+    """Set the pruner and model to the best validated mask of ``result``.
+
+    Returns:
+        The history point of that mask (its test ``metric`` and ``loss`` too),
+        or None when nothing was validated.
+    """
+    if result.best_masks is None:
+        return None
+    state = pruner.state_dict()
+    for name, keep in result.best_masks.items():
+        state["layers"][name]["pruned"] = ~keep.reshape(-1)
+    for name, values in (result.best_values or {}).items():
+        state["layers"][name]["keep_values"] = values
+    pruner.load_state_dict(state)
+    return result.best
 
 
 def _batches(batches: Iterable[tuple[Any, Any]], steps: int) -> Iterator[Any]:

@@ -41,7 +41,9 @@ from icbs_opt.pruning.qubo import (
     finish_solve,
     prepare_solve,
 )
+from icbs_opt.pruning.refit import refit as refit_layers
 from icbs_opt.pruning.selection import LayerSchedule, select_block
+from icbs_opt.pruning.sparsegpt import sparsegpt
 from icbs_opt.pruning.state import LayerState, freeze, keep_top, resolve_layers
 from icbs_opt.settings import CONFIG_FIELDS, PruneConfig
 
@@ -264,6 +266,16 @@ class Pruner:
         kept = sum(int((~L.pruned).sum()) for L in self._layers.values())
         return kept / sum(L.numel for L in self._layers.values())
 
+    def restore_dense(self) -> None:
+        """Put the original weights back into every pruned layer.
+
+        The model is then as it was before this Pruner; the Pruner's own masks
+        are unchanged, so do not step it again.
+        """
+        with torch.no_grad():
+            for L in self._layers.values():
+                L.module.weight.copy_(L.w0.reshape(L.module.weight.shape))
+
     def step(self, X: Any, y: Any, layer: str | None = None) -> StepRecord:
         """One block step (DESIGN section 1, steps 1-6) on the batch ``(X, y)``.
 
@@ -305,17 +317,24 @@ class Pruner:
         # 1. the layers of the pass, and one forward/backward recording them all
         plan = self._plan_pass(layers, blocks or self.config.blocks_per_step)
         tapes, loss_before = self._record(plan, X, y)
-        if self.config.check_pass and loss_before is None:
+        check = self.config.check_pass or self.config.check_blocks
+        if check and loss_before is None:
             loss_before = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
         t1 = time.perf_counter()
         # 2. a block per entry: k currently pruned and n - k kept free weights
         work = self._select_blocks(plan, tapes, X, y, number)
         t2 = time.perf_counter()
         # 3-4. gradient, Hessian model and QUBO; 5. solve; 6. accept each block
-        qubo, solve = self._build_solve_accept(work, tapes, X, y)
-        record = PassRecord(number, [b.record for b in work], loss_before)
-        if self.config.check_pass and record.accepted:
-            self._check_pass(record, work, X, y)
+        try:
+            qubo, solve = self._build_solve_accept(work, tapes, X, y)
+            record = PassRecord(number, [b.record for b in work], loss_before)
+            if check and record.accepted:
+                self._check_pass(record, work, X, y)
+        except BaseException:  # KeyboardInterrupt too: never stop half-way
+            for b in reversed(work):
+                if b.record.accepted:
+                    _set_block(b, b.x_cur)
+            raise
         for b in work:
             b.L.push_tabu(b.idx)
         self.passes_done, self.steps_done = number, work[-1].record.step
@@ -457,10 +476,10 @@ class Pruner:
             tape=tape,
         )  # g (n,), H (n, n)
         t = time.perf_counter()
-        w0_B = b.L.w0[b.idx]  # (n,)
-        w_B = torch.where(b.x_cur, torch.zeros_like(w0_B), w0_B)  # (n,)
+        r_B = b.L.keep_values[b.idx]  # (n,) values if kept ("Restore values")
+        w_B = torch.where(b.x_cur, torch.zeros_like(r_B), r_B)  # (n,)
         Q, b.const = block_qubo(
-            w0_B, w_B, g, H, cfg.grad_multiplier, cfg.ridge_multiplier
+            r_B, w_B, g, H, cfg.grad_multiplier, cfg.ridge_multiplier
         )
         b.x0 = b.x_cur.cpu().numpy().astype(np.int8)  # (n,) current mask, feasible
         b.problem = BlockProblem(Q.cpu().numpy(), b.record.k)
@@ -502,25 +521,38 @@ class Pruner:
         if b.x is None:
             return
         r = b.record
-        new = torch.from_numpy(b.x.astype(bool)).to(b.idx.device)  # (n,) pruned
+        new = _pruned_mask(b)
         flips = int((new != b.x_cur).sum())
         if r.feasible and r.dl <= r.dl_current and flips:
-            b.L.pruned[b.idx] = new
-            b.L.write(b.idx)
+            _set_block(b, new)
             r.accepted, r.flips = True, flips
 
     def _check_pass(
         self, record: PassRecord, work: list[_Block], X: Any, y: Any
     ) -> None:
-        """Undo the pass's moves if the batch loss rose over the pass."""
+        """Undo the pass's moves (or each block's) that raised the batch loss."""
+        moved = [b for b in work if b.record.accepted]
+        if self.config.check_blocks:  # replay the moves one at a time
+            for b in reversed(moved):
+                _set_block(b, b.x_cur)
+            best = record.loss_before
+            for b in moved:
+                _set_block(b, _pruned_mask(b))
+                loss = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
+                if loss > best:  # type: ignore[operator]
+                    _set_block(b, b.x_cur)
+                    b.record.rolled_back = True
+                else:
+                    best = loss
+            record.loss_after = best
+            record.rolled_back = all(b.record.rolled_back for b in moved)
+            return
         record.loss_after = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
         if record.loss_after <= record.loss_before:  # type: ignore[operator]
             return
-        for b in reversed(work):
-            if b.record.accepted:
-                b.L.pruned[b.idx] = b.x_cur
-                b.L.write(b.idx)
-                b.record.rolled_back = True
+        for b in reversed(moved):
+            _set_block(b, b.x_cur)
+            b.record.rolled_back = True
         record.rolled_back = True
 
     def _selection_scores(
@@ -547,17 +579,23 @@ class Pruner:
         cfg = self.config
         if self.calibration is not None:
             return
-        if cfg.init_method in ("wanda", "gradient"):
+        if cfg.init_method in ("wanda", "gradient", "sparsegpt"):
             raise PruningError(
                 f"init {cfg.init!r} needs calibration data: pass calibration=(X, y)"
             )
+        if cfg.refit or cfg.refit_every:
+            raise PruningError("refit needs calibration data: pass calibration=(X, y)")
         if cfg.selection == "wanda":
             raise PruningError(
                 "selection 'wanda' needs calibration data: pass calibration=(X, y)"
             )
 
     def _initial_prune(self) -> None:
-        """Score every weight, keep the top ``density``, freeze, set up tabu."""
+        """Score every weight, keep the top ``density``, freeze, set up tabu.
+
+        ``sparsegpt`` instead takes SparseGPT's masks, and its updated kept
+        weights become their ``keep_values``.
+        """
         cfg = self.config
         X, y = self.calibration if self.calibration is not None else (None, None)
         mods = [L.module for L in self._layers.values()]
@@ -571,9 +609,22 @@ class Pruner:
             grads = layer_gradients(
                 self.model, self.loss_fn, X, y, mods, max_batch_size=mbs
             )
-        for L, norm, grad in zip(self._layers.values(), norms, grads, strict=True):
+        masks = [None] * len(mods)
+        if cfg.init_method == "sparsegpt":  # masks, saliencies, updated weights
+            done = sparsegpt(
+                self.model, self.loss_fn, X, y, mods, cfg.density, max_batch_size=mbs
+            )
+            masks, grads = [m for m, _ in done], [s for _, s in done]
+        layers = zip(self._layers.values(), norms, grads, masks, strict=True)
+        for L, norm, grad, mask in layers:
             s = self._init_scores(cfg.init_method, L, norm, grad)  # (numel,)
-            keep = keep_top(s, L.module.weight.shape, cfg.density, cfg.init_grouping)
+            if mask is None:
+                shape = L.module.weight.shape
+                keep = keep_top(s, shape, cfg.density, cfg.init_grouping)
+            else:  # SparseGPT's mask; its kept weights' new values are restored
+                keep = mask.reshape(-1)
+                w = L.module.weight.detach().reshape(-1)
+                L.keep_values = torch.where(keep, w, L.w0)
             L.pruned = ~keep
             L.frozen = freeze(s, keep, cfg.fix_frac_prune, cfg.fix_frac_keep)
             if cfg.selection == "wanda":  # static; magnitude is read from w0
@@ -594,7 +645,13 @@ class Pruner:
         norms: torch.Tensor | None,
         grad: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Flat float64 scores of the layer's weights for ``method``."""
+        """Flat float64 scores of the layer's weights for ``method``.
+
+        ``grad`` is the layer's loss gradient for ``gradient`` and its SparseGPT
+        saliency (``w^2 / [H^-1]_jj`` when its mask was chosen) for ``sparsegpt``.
+        """
+        if method == "sparsegpt":
+            return grad.reshape(-1).to(torch.float64)  # type: ignore[union-attr]
         if method == "magnitude":
             s = L.w0.abs()
         elif method == "wanda":
@@ -604,6 +661,109 @@ class Pruner:
         else:
             s = torch.from_numpy(self.rng.random(L.numel)).to(L.w0.device)
         return s.to(torch.float64)
+
+    # ------------------------------------------------- weight reconstruction
+    def refit(self) -> float:
+        """Refit the kept weights of every layer with the masks fixed (DESIGN 1b).
+
+        Each layer's kept weights become the least-squares reconstruction of
+        the ORIGINAL layer's outputs on the calibration batch (inputs from the
+        model with the earlier layers already refit; see
+        :mod:`icbs_opt.pruning.refit`). ``keep_values`` then holds the refit
+        values of kept weights, and pruned weights keep theirs, so the block
+        QUBO stays exact: ``dL(x_cur) = 0``.
+
+        Returns:
+            Seconds spent.
+
+        Raises:
+            PruningError: If the pruner has no calibration data.
+        """
+        if self.calibration is None:
+            raise PruningError("refit needs calibration data: pass calibration=(X, y)")
+        X, y = self.calibration
+        layers = list(self._layers.values())
+        targets = {L.module: (~L.pruned, L.w0) for L in layers}
+        try:
+            seconds = refit_layers(
+                self.model,
+                self.loss_fn,
+                X,
+                y,
+                targets,
+                target=self.config.refit_target,
+                max_batch_size=self._mbs,
+            )
+        except BaseException:  # KeyboardInterrupt too: back to the values before
+            for L in layers:
+                L.write(torch.arange(L.numel, device=L.w0.device))
+            raise
+        for L in layers:
+            w = L.module.weight.detach().reshape(-1)
+            L.keep_values = torch.where(L.pruned, L.keep_values, w)
+        return seconds
+
+    # ------------------------------------------- checkpoint state (issue 13)
+    def state_dict(self, *, layers: bool = True) -> dict[str, Any]:
+        """What a checkpoint needs to continue this pruner exactly.
+
+        Counters, the numpy and torch random states, the layer schedule, and
+        each layer's mask, tabu FIFO and (once they differ from ``w0``: refit,
+        sparsegpt) kept values, as copies. ``w0``, the frozen sets and static
+        scores are not included: a Pruner built with the same model and config
+        derives them again. ``layers=False`` leaves the layers out (a cheap
+        snapshot of the random states and counters).
+        """
+        state = {
+            "steps_done": self.steps_done,
+            "passes_done": self.passes_done,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "schedule": self._schedule.state_dict(),
+        }
+        if not layers:
+            return state
+        state["layers"] = {}
+        for name, L in self._layers.items():
+            tabu = [t.clone() for t in L.tabu]
+            state["layers"][name] = {"pruned": L.pruned.clone(), "tabu": tabu}
+            if L.keep_values is not L.w0:
+                state["layers"][name]["keep_values"] = L.keep_values.clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; the model is set to its masks.
+
+        Raises:
+            PruningError: If the layers differ or a saved mask moves a frozen
+                weight (the checkpoint is of another model or config).
+        """
+        if "layers" in state:
+            self._load_layers(state["layers"])
+        self.steps_done, self.passes_done = state["steps_done"], state["passes_done"]
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self._schedule.load_state_dict(state["schedule"])
+
+    def _load_layers(self, saved: Mapping[str, Any]) -> None:
+        """Masks, tabu FIFOs and kept values of :meth:`state_dict`, checked first."""
+        if sorted(saved) != sorted(self._layers):
+            raise PruningError(
+                f"the checkpoint prunes layers {sorted(saved)}, this pruner "
+                f"{sorted(self._layers)}"
+            )
+        for name, L in self._layers.items():  # check all before changing any
+            pruned = saved[name]["pruned"].to(L.pruned.device)
+            if not torch.equal(pruned[L.frozen], L.pruned[L.frozen]):
+                raise PruningError(
+                    f"the checkpoint's mask of layer {name!r} moves frozen weights"
+                )
+        for name, L in self._layers.items():
+            L.pruned = saved[name]["pruned"].to(L.pruned.device).clone()
+            if "keep_values" in saved[name]:
+                L.keep_values = saved[name]["keep_values"].to(L.w0).clone()
+            L.tabu = collections.deque(t.to(L.w0.device) for t in saved[name]["tabu"])
+            L.write(torch.arange(L.numel, device=L.w0.device))
 
 
 def _make_config(
@@ -637,6 +797,17 @@ def _make_backend(backend: str | Backend, options: Mapping[str, Any] | None) -> 
             )
         return backend
     return get_backend(backend, **dict(options or {}))
+
+
+def _pruned_mask(b: _Block) -> torch.Tensor:
+    """``(n,)`` bool: the solver's answer for the block, True = pruned."""
+    return torch.from_numpy(b.x.astype(bool)).to(b.idx.device)  # type: ignore[union-attr]
+
+
+def _set_block(b: _Block, pruned: torch.Tensor) -> None:
+    """Give the block's weights the state ``pruned`` in the mask and the model."""
+    b.L.pruned[b.idx] = pruned
+    b.L.write(b.idx)
 
 
 def _share_seconds(work: list[_Block], seconds: dict[str, float]) -> None:

@@ -29,7 +29,9 @@ def block_qubo(
     """The block QUBO of DESIGN step 4: ``dL(x) = x^T Q x + const``.
 
     Args:
-        w0: ``(n,)`` original weights of the block.
+        w0: ``(n,)`` the block's values if kept: the original weights, or
+            after a SparseGPT init or refit their ``keep_values`` (DESIGN
+            section 1, "Restore values").
         w: ``(n,)`` current weights (``0`` where pruned, ``w0`` where kept).
         g: ``(n,)`` loss gradient at ``w``.
         H: ``(n, n)`` Hessian model.

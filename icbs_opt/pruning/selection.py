@@ -48,6 +48,14 @@ class LayerSchedule:
             self.pending = [epoch[i] for i in self.rng.permutation(len(epoch))]
         return self.pending.pop()
 
+    def state_dict(self) -> dict[str, list[str]]:
+        """The rest of the current ``log`` epoch (the random state is the rng's)."""
+        return {"pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict[str, list[str]]) -> None:
+        """Continue from a :meth:`state_dict`."""
+        self.pending = list(state["pending"])
+
 
 def select_block(
     L: LayerState,

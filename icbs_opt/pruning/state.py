@@ -36,6 +36,11 @@ class LayerState:
         tabu: FIFO of the index tensors of recent blocks, oldest first, holding
             at most ``tabu_cap`` indices (the oldest block is cut to fit).
         tabu_cap: Capacity of the FIFO in indices (0: no tabu list).
+        keep_values: ``(numel,)`` the value of each weight when kept (DESIGN
+            section 1, "Restore values"): ``w0`` by default; a kept weight's
+            SparseGPT or refit value, and for a pruned weight the value it had
+            when last kept after such an update, else ``w0``. Replaced, never
+            changed in place (it starts as ``w0`` itself).
     """
 
     name: str
@@ -46,6 +51,11 @@ class LayerState:
     static_scores: torch.Tensor | None = None
     tabu: collections.deque = field(default_factory=collections.deque)
     tabu_cap: int = 0
+    keep_values: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.keep_values is None:
+            self.keep_values = self.w0
 
     @classmethod
     def of(cls, name: str, module: nn.Module) -> LayerState:
@@ -63,11 +73,11 @@ class LayerState:
         return self.w0.numel()
 
     def write(self, idx: torch.Tensor) -> None:
-        """Set weights ``idx`` of the module: 0 where pruned, ``w0`` where kept."""
+        """Set weights ``idx`` of the module: 0 if pruned, else ``keep_values``."""
         with torch.no_grad():
             flat = self.module.weight.view(-1)
-            w0 = self.w0[idx]
-            flat[idx] = torch.where(self.pruned[idx], torch.zeros_like(w0), w0)
+            r = self.keep_values[idx]
+            flat[idx] = torch.where(self.pruned[idx], torch.zeros_like(r), r)
 
     def setup_tabu(self, tabu_frac: float, block_size: int) -> None:
         """An empty tabu FIFO of ``tabu_frac`` of the free weights (or none)."""

@@ -66,6 +66,9 @@ class Task:
         save_model: ``save_model(model, directory) -> [files]`` writes the model.
         higher_is_better: Whether a larger metric is better.
         info: Facts shown to users and saved with results (e.g. dense accuracy).
+        validate: Like ``evaluate``, on the held-out validation split that
+            neither the pruning batches nor the calibration use (None: the
+            task's options hold out none; see ``with_validation``).
     """
 
     name: str
@@ -79,6 +82,7 @@ class Task:
     save_model: Callable[[nn.Module, str | os.PathLike], list[Path]]
     higher_is_better: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    validate: Callable[[nn.Module], dict[str, float]] | None = None
 
     def batches(self, seed: int = 0) -> Iterator[tuple[Any, Any]]:
         """Endless seeded iterator of pruning batches."""

@@ -228,18 +228,29 @@ def save_causal_lm(
 ) -> list[Path]:
     """Write the model (safetensors) and its tokenizer with ``save_pretrained``.
 
+    Each file is written beside the folder's files first and then renamed onto
+    its name, so a kill never leaves a truncated file.
+
     :func:`load_causal_lm` reads the directory back.
 
     Returns:
         The files written.
     """
+    import tempfile
+
+    from icbs_opt.atomic import atomic_path
+
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [Path(p) for p in tokenizer.save_pretrained(folder)]
-    model.save_pretrained(folder, safe_serialization=True)
-    written += folder.glob("*.safetensors*")
-    written += [folder / "config.json", folder / "generation_config.json"]
-    return sorted({p for p in written if p.is_file()})
+    with tempfile.TemporaryDirectory(prefix=".icbs-tmp-", dir=folder) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        written = []
+        for part in sorted(Path(tmp).iterdir()):  # each file replaced atomically
+            with atomic_path(str(folder / part.name)) as target:
+                os.replace(part, target)
+            written.append(folder / part.name)
+    return written
 
 
 # ------------------------------------------------------------------- layers
@@ -447,6 +458,7 @@ def causal_lm_task(
             len(evals),
             o.seq_len,
         )
+    calib, val = split_validation(calib, o.val_windows)
     calibration = calib[: o.calib_windows]
     window_batches(calib, o.batch_size, 0)  # validates batch_size now, not at step 1
 
@@ -464,6 +476,7 @@ def causal_lm_task(
         metric="perplexity",
         save_model=save_model,
         higher_is_better=False,
+        validate=perplexity_evaluator(val, o.eval_batch_size) if len(val) else None,
         info={
             "model": source,
             "seq_len": o.seq_len,
@@ -474,8 +487,26 @@ def causal_lm_task(
             "eval_file": str(eval_path),
             "eval_windows": len(evals),
             "eval_tokens": int(evals.numel()),
+            "val_windows": len(val),
         },
     )
+
+
+def split_validation(
+    windows: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first windows for pruning and calibration, the last ``count`` held out.
+
+    Raises:
+        DataError: If fewer than one window would be left for pruning.
+    """
+    if count >= len(windows):
+        raise DataError(
+            f"val_windows must be below the {len(windows)} calibration windows, "
+            f"got {count}"
+        )
+    cut = len(windows) - count
+    return windows[:cut], windows[cut:]
 
 
 def build_smollm2_task(options: TextOptions) -> Task:

@@ -41,17 +41,19 @@ def default_cache_dir() -> Path:
 
 
 def save_state_dict(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
-    """Write ``model.state_dict()`` to ``directory/model.safetensors``.
+    """Write ``model.state_dict()`` to ``directory/model.safetensors``, atomically.
 
     Returns:
         The written files.
     """
     from safetensors.torch import save_file
 
+    from icbs_opt.atomic import atomic_path
+
     path = Path(directory) / "model.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    with atomic_path(str(path)) as tmp:  # a kill leaves the previous file
+        save_file(state, tmp)
     return [path]
 
 
@@ -224,6 +226,7 @@ def build_digits_mlp(options: DigitsOptions) -> Task:
     directory = Path(cache) if cache is not None else default_cache_dir()
     model, data, accuracy = load_or_train_digits_mlp(directory, retrain=options.retrain)
     X_tr, y_tr, X_te, y_te = (t.to(options.device) for t in data)
+    (X_tr, y_tr), (X_val, y_val) = holdout(X_tr, y_tr, options.val_fraction)
     batch_size = options.batch_size
     if batch_size > len(X_tr):
         raise DataError(f"batch_size must be in [1, {len(X_tr)}], got {batch_size!r}")
@@ -247,8 +250,36 @@ def build_digits_mlp(options: DigitsOptions) -> Task:
         metric="accuracy",
         save_model=save_state_dict,
         higher_is_better=True,
-        info={"dense_accuracy": accuracy, "train": len(X_tr), "test": len(X_te)},
+        info={
+            "dense_accuracy": accuracy,
+            "train": len(X_tr),
+            "test": len(X_te),
+            "validation": len(X_val),
+        },
+        validate=classifier_evaluator(X_val, y_val) if len(X_val) else None,
     )
+
+
+#: Seed of the validation split's draw from the training set.
+VALIDATION_SEED = 2024
+
+
+def holdout(
+    X: torch.Tensor, y: torch.Tensor, fraction: float
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Split ``round(fraction * len(X))`` seeded random samples off ``(X, y)``.
+
+    Returns:
+        ``(X_rest, y_rest), (X_val, y_val)``; with ``fraction`` 0 the rest is
+        ``(X, y)`` itself, in its order.
+    """
+    count = round(fraction * len(X))
+    if not count:
+        return (X, y), (X[:0], y[:0])
+    order = np.random.default_rng(VALIDATION_SEED).permutation(len(X))
+    rest = torch.from_numpy(np.sort(order[count:])).to(X.device)
+    val = torch.from_numpy(np.sort(order[:count])).to(X.device)
+    return (X[rest], y[rest]), (X[val], y[val])
 
 
 def load_saved_digits_mlp(directory: Path, options: DigitsOptions) -> Task:

@@ -9,11 +9,11 @@ the command line's help text (``icbs-opt prune --FIELD-NAME``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from icbs_opt.checks import check_int
+from icbs_opt.checks import check_float, check_int
 from icbs_opt.errors import DataError
 from icbs_opt.settings import (
     PAPER_CLASSIFIER_SETTINGS,
@@ -32,15 +32,15 @@ DIGITS_PRESET = Preset(
     RunSettings(steps=300, eval_every=0, threads=1),
 )
 #: Causal LMs: the issue-4 recipe (Wanda per-output init, blocks of 1024, one
-#: window per forward/backward) in 10 passes of 64 blocks (SmolLM2-135M: about 30
-#: perplexity in 8 minutes here, see docs/benchmarks.md).
+#: window per forward/backward) in 10 passes of 128 blocks (SmolLM2-135M: about 28
+#: perplexity in 10.5 minutes here, see docs/benchmarks.md).
 CAUSAL_LM_PRESET = Preset(
     PruneConfig(
         density=0.5,
         block_size=1024,
         init="wanda_per_output",
         max_batch_size=1,
-        blocks_per_step=64,
+        blocks_per_step=128,
         **PAPER_CLASSIFIER_SETTINGS,
     ),
     RunSettings(steps=10, eval_every=0, threads=None),
@@ -86,10 +86,23 @@ class DigitsOptions:
     batch_size: int = _opt(200, "samples per pruning batch")
     device: str = _opt("cpu", "torch device of the model and data")
     retrain: bool = _opt(False, "train the digits MLP again even if cached")
+    val_fraction: float = _opt(
+        0.0,
+        "digits: fraction of the training set held out as the validation split "
+        "of --keep-best (default 0; 0.2 with --keep-best)",
+    )
 
     def __post_init__(self) -> None:
         check_int(self.batch_size, "batch_size", minimum=1, error=DataError)
+        fraction = check_float(
+            self.val_fraction, "val_fraction", minimum=0, below=1, error=DataError
+        )
+        object.__setattr__(self, "val_fraction", fraction)
         check_device(self.device)
+
+    def with_validation(self) -> DigitsOptions:
+        """These options, holding out 20% of the training set if none is held out."""
+        return self if self.val_fraction else replace(self, val_fraction=0.2)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -139,14 +152,24 @@ class TextOptions:
     batch_size: int = _opt(8, "windows per pruning batch")
     eval_batch_size: int = _opt(4, "LLM tasks: windows per evaluation pass")
     device: str = _opt("cpu", "torch device of the model and data")
+    val_windows: int = _opt(
+        0,
+        "LLM tasks: the calibration text's last windows, held out as the "
+        "validation split of --keep-best (default 0; 8 with --keep-best)",
+    )
 
     def __post_init__(self) -> None:
         check_int(self.seq_len, "seq_len", minimum=2, error=DataError)
         for name in ("eval_windows", "calib_windows", "batch_size", "eval_batch_size"):
             check_int(getattr(self, name), name, minimum=1, error=DataError)
+        check_int(self.val_windows, "val_windows", minimum=0, error=DataError)
         self.calib_path  # noqa: B018 - the files must exist before a model loads
         self.eval_path  # noqa: B018
         check_device(self.device)
+
+    def with_validation(self) -> Any:
+        """These options, holding out 8 windows if none are held out."""
+        return self if self.val_windows else replace(self, val_windows=8)
 
     @property
     def calib_path(self) -> Path:

@@ -1,0 +1,288 @@
+"""`icbs-opt prune` keeps its work: signals, checkpoints, resume, time budget,
+keep-best and output paths checked before any model loads (issue 13)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from icbs_opt.cli import main
+from icbs_opt.cli import prune as cli_prune
+from icbs_opt.pruning import pruner as pruner_module
+from icbs_opt.tasks import digits as tasks
+from icbs_opt.tasks import get_task
+
+STEPS = 40
+RUN = ["--steps", str(STEPS), "--eval-every", "10", "--block-size", "64"]
+RUN += ["--no-progress"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def prune_argv(cache, out, *extra):
+    return ["prune", "--cache-dir", str(cache), *RUN, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """An uninterrupted run: its results, by blocks per step."""
+    runs = {}
+    for blocks in (1, 3):
+        out = tmp_path_factory.mktemp(f"reference{blocks}")
+        argv = prune_argv(cache, out, "--blocks-per-step", str(blocks))
+        assert main(argv) == 0
+        runs[blocks] = out
+    return runs
+
+
+def outcome(out):
+    """Masks, and records and history without timings, of an --out folder."""
+    results = json.loads((out / "results.json").read_text())
+
+    def drop(d):
+        return {k: v for k, v in d.items() if k != "seconds"}
+
+    masks = load_file(str(out / "masks.safetensors"))
+    steps = [drop(r) for r in results["steps"]]
+    return masks, steps, [drop(h) for h in results["history"]]
+
+
+def assert_same_run(a, b):
+    masks_a, steps_a, history_a = outcome(a)
+    masks_b, steps_b, history_b = outcome(b)
+    assert masks_a.keys() == masks_b.keys()
+    assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+    assert steps_a == steps_b
+    assert history_a == history_b
+
+
+def signal_at_pass(monkeypatch, passes, kind=signal.SIGINT):
+    """Send ``kind`` to this process when each pass number in ``passes`` ends."""
+    callbacks = cli_prune._progress_callbacks
+
+    def patched(bar, task):
+        on_pass, evaluate = callbacks(bar, task)
+
+        def on_pass_and_signal(record):
+            on_pass(record)
+            for _ in range(passes.count(record.number)):
+                os.kill(os.getpid(), kind)
+
+        return on_pass_and_signal, evaluate
+
+    monkeypatch.setattr(cli_prune, "_progress_callbacks", patched)
+
+
+def test_sigint_stops_after_the_step_and_resume_ends_as_if_never_stopped(
+    cache, reference, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    signal_at_pass(monkeypatch, [17])
+    assert main(prune_argv(cache, out, "--json", str(tmp_path / "s.json"))) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT after step 17 of 40" in err
+    assert f"icbs-opt prune --resume {out}" in err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["interrupted"] and s["signal"] == "SIGINT"
+    assert s["stopped"] == "interrupted" and not s["abandoned_step"]
+    assert s["steps_done"] == s["final"]["steps"] == 17
+    assert [h["step"] for h in s["history"]] == [0, 10]
+    assert len(s["passes"]) == 17
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    assert main(["prune", "--resume", str(out)]) == 0
+    assert_same_run(out, reference[1])
+    assert json.loads((tmp_path / "s.json").read_text())["resumed_from"]
+
+
+def test_second_sigint_abandons_the_step_and_still_writes(
+    cache, reference, tmp_path, monkeypatch, capsys
+):
+    build, calls = pruner_module.Pruner._build_problem, {"n": 0}
+
+    def build_and_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] in (29, 30):  # the 2nd and 3rd block of pass 10
+            os.kill(os.getpid(), signal.SIGINT)
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(pruner_module.Pruner, "_build_problem", build_and_signal)
+    out = tmp_path / "run"
+    assert main(prune_argv(cache, out, "--blocks-per-step", "3")) == 130
+    assert "the step under way was abandoned" in capsys.readouterr().err
+    s = json.loads((out / "results.json").read_text())
+    assert s["abandoned_step"] and s["steps_done"] == 9 and len(s["steps"]) == 27
+    monkeypatch.undo()
+    assert main(["prune", "--resume", str(out)]) == 0
+    assert_same_run(out, reference[3])
+
+
+def test_sigterm_from_outside_keeps_the_work(cache, reference, tmp_path):
+    out = tmp_path / "run"
+    argv = prune_argv(cache, out, "--checkpoint-every", "1", "--steps", "100000")
+    code = "import sys; from icbs_opt.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.safetensors").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    s = json.loads((out / "results.json").read_text())
+    assert s["signal"] == "SIGTERM" and 1 <= s["steps_done"] < 100000
+    assert json.loads((out / "prune_config.json").read_text())["task"] == "digits-mlp"
+    load_file(str(out / "model.safetensors"))
+
+
+def test_periodic_checkpoint_resumes_exactly(cache, reference, tmp_path):
+    out = tmp_path / "run"
+    assert main(prune_argv(cache, out, "--checkpoint-every", "7")) == 0
+    ckpt = json.loads((out / "results.json").read_text())["checkpoint"]
+    assert ckpt == str(out / "checkpoint.safetensors")
+    assert_same_run(out, reference[1])
+
+
+def test_time_budget_ends_the_run_cleanly(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = prune_argv(cache, out, "--time-budget", "0.00001")
+    assert main(argv) == 0
+    s = json.loads((out / "results.json").read_text())
+    assert s["stopped"] == "time_budget" and not s["interrupted"]
+    assert s["steps_done"] == 1 and s["history"][-1]["step"] == 0
+    assert s["final"]["steps"] == 1 and s["final"]["metric"] > 0
+    assert "stopped by --time-budget after step 1 of 40" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(out), "--time-budget", "60"]) == 0
+    assert json.loads((out / "results.json").read_text())["steps_done"] == STEPS
+
+
+def test_resume_with_another_setting_is_refused(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(prune_argv(cache, out, "--checkpoint-every", "20")) == 0
+    for flag, value, field in (
+        ("--density", "0.2", "--density"),
+        ("--batch-size", "100", "--batch-size"),
+        ("--seed", "1", "--seed"),
+        ("--backend", "exhaustive", "--backend"),
+    ):
+        capsys.readouterr()
+        assert main(["prune", "--resume", str(out), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot resume with {field} " in err and err.count("\n") == 1, err
+
+
+def test_keep_best_restores_the_best_validation_mask(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = prune_argv(cache, out, "--keep-best", "--eval-every", "4")
+    assert main(argv) == 0
+    s = json.loads((out / "results.json").read_text())
+    best = max(s["history"], key=lambda h: h["val_metric"])  # the first best
+    assert s["keep_best"]["step"] == best["step"] < STEPS
+    assert s["final"]["metric"] == best["metric"]
+    assert s["settings"]["run"]["keep_best"]
+    config = json.loads((out / "prune_config.json").read_text())
+    assert config["task_options"]["val_fraction"] == 0.2
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == best["metric"]
+
+
+def test_validation_split_is_held_out_of_the_pruning_data(cache):
+    task = get_task("digits-mlp", cache_dir=cache, val_fraction=0.2)
+    full = get_task("digits-mlp", cache_dir=cache)
+    assert task.info["validation"] == 251 and task.info["train"] == 1006
+    X_cal = task.calibration[0]
+    assert len(X_cal) == 1006 and task.validate is not None
+    rows = {tuple(x.tolist()) for x in X_cal}
+    X_val = [x for x in full.calibration[0] if tuple(x.tolist()) not in rows]
+    assert len(X_val) >= 240  # a few digits images are duplicates
+    X, _ = next(task.batches(0))
+    assert all(tuple(x.tolist()) in rows for x in X)
+    assert full.validate is None
+
+
+def test_keep_best_needs_an_evaluation_period(capsys):
+    assert main(["prune", "--keep-best", "--eval-every", "0"]) == 2
+    assert "keep_best needs eval_every > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("out_is_file", "output folder"),
+        ("json_is_dir", "is a directory"),
+        ("plot_is_dir", "is a directory"),
+        ("harvest_is_file", "output folder"),
+        ("checkpoint_is_file", "output folder"),
+        ("out_not_ours", "holds files icbs-opt did not write"),
+        ("json_symlink", "symbolic link"),
+        ("checkpoint_every_nowhere", "--checkpoint-every needs --out"),
+        ("resume_missing", "cannot read the checkpoint"),
+    ],
+)
+def test_bad_output_paths_fail_fast_before_loading(
+    case, message, tmp_path, monkeypatch, capsys
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(tasks, "load_or_train_digits_mlp", no_model)
+    a_file, a_dir = tmp_path / "file", tmp_path / "dir"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    (tmp_path / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    argv = {
+        "out_is_file": ["--out", str(a_file)],
+        "json_is_dir": ["--json", str(a_dir)],
+        "plot_is_dir": ["--plot", str(a_dir)],
+        "harvest_is_file": ["--harvest", str(a_file)],
+        "checkpoint_is_file": ["--checkpoint", str(a_file)],
+        "out_not_ours": ["--out", str(tmp_path / "theirs")],
+        "json_symlink": ["--json", str(tmp_path / "link.json")],
+        "checkpoint_every_nowhere": ["--checkpoint-every", "5"],
+        "resume_missing": ["--resume", str(a_dir)],
+    }[case]
+    start = time.perf_counter()
+    assert main(["prune", *argv]) == 2
+    assert time.perf_counter() - start < 1.0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_out_fails_fast(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["prune", "--out", str(locked / "run")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_llm_validation_windows_are_the_last_calibration_windows():
+    from icbs_opt.errors import DataError
+    from icbs_opt.tasks.causal_lm import split_validation
+
+    windows = torch.arange(20).reshape(10, 2)
+    rest, val = split_validation(windows, 3)
+    assert torch.equal(rest, windows[:7]) and torch.equal(val, windows[7:])
+    assert len(split_validation(windows, 0)[1]) == 0
+    with pytest.raises(DataError, match="val_windows must be below the 10"):
+        split_validation(windows, 10)
+
+
+def test_val_fraction_is_checked_before_loading(capsys):
+    assert main(["prune", "--val-fraction", "1.5"]) == 2
+    assert "val_fraction" in capsys.readouterr().err
