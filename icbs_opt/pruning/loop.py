@@ -202,8 +202,7 @@ def _scorer(
 
 
 def _keep_best(result: PruneResult, point: dict[str, float], pruner: Pruner) -> None:
-    layers = pruner.state_dict()["layers"]
-    values = {k: v["keep_values"] for k, v in layers.items() if "keep_values" in v}
+    values = pruner.reconstructed_values()  # not the whole state: no tabu copies
     result.best, result.best_masks = dict(point), pruner.masks()
     result.best_values = values or None
 

@@ -723,13 +723,26 @@ class Pruner:
         }
         if not layers:
             return state
+        values = self.reconstructed_values()
         state["layers"] = {}
         for name, L in self._layers.items():
             tabu = [t.clone() for t in L.tabu]
             state["layers"][name] = {"pruned": L.pruned.clone(), "tabu": tabu}
-            if L.keep_values is not L.w0:
-                state["layers"][name]["keep_values"] = L.keep_values.clone()
+            if name in values:
+                state["layers"][name]["keep_values"] = values[name]
         return state
+
+    def reconstructed_values(self) -> dict[str, torch.Tensor]:
+        """Copies of the kept weights' values where they differ from ``w0``.
+
+        By layer name; layers whose kept weights still have their original
+        values (no refit, no SparseGPT init) are left out.
+        """
+        return {
+            name: L.keep_values.clone()
+            for name, L in self._layers.items()
+            if L.keep_values is not L.w0
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`; the model is set to its masks.
