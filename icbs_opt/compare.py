@@ -52,6 +52,7 @@ class Run:
     gap: float | None = None
     success: bool | None = None
     reason: str | None = None
+    groups: int = 1  # cardinality groups (N:M); 1 when ungrouped
 
 
 @dataclass
@@ -176,8 +177,9 @@ class Harvester:
 
     Each step's problem is written as ``step{step:05d}_{layer}.npz`` holding the
     problem as the solver sees it (``Q`` scaled by ``scale``, ``|Q| <= 1e-12``
-    cut), ``k``, the block's current mask ``x_cur`` (1 = pruned), ``layer``,
-    ``step``, ``scale``, ``const`` and ``task``.
+    cut), ``k`` (and ``groups`` for an N:M block, see :meth:`BlockProblem.save`),
+    the block's current mask ``x_cur`` (1 = pruned), ``layer``, ``step``,
+    ``scale``, ``const`` and ``task``.
 
     Args:
         directory: Folder to write to (created when missing).
@@ -206,7 +208,8 @@ class Harvester:
         meta = {**problem.meta, "scale": scale, "task": self.task}
         meta["x_cur"] = np.asarray(meta.get("x_cur", []), dtype=np.int8)
         path = self.directory / f"step{int(meta['step']):05d}_{meta['layer']}.npz"
-        BlockProblem(scaled.Q, scaled.k, meta=meta).save(path)
+        counts, groups = scaled.group_counts, scaled.groups  # one group: ungrouped
+        BlockProblem(scaled.Q, counts, groups=groups, meta=meta).save(path)
         self.files.append(path)
 
 
@@ -327,7 +330,7 @@ def _compare_backend(
             backend.check_size(problem)
         except ProblemTooLarge as exc:
             s = run_seed(seed, index, 0)
-            run = Run(pname, problem.n, problem.k, bname, 0, s, "skipped")
+            run = _run(pname, problem, bname, 0, s, "skipped")
             run.reason = str(exc)
             runs.append(run)
             if progress is not None:
@@ -337,12 +340,28 @@ def _compare_backend(
     batch = [items[i][1] for i in fits]
     for r in range(repeats):
         mine = [
-            Run(items[i][0], p.n, p.k, bname, r, run_seed(seed, i, r), "ok")
+            _run(items[i][0], p, bname, r, run_seed(seed, i, r), "ok")
             for i, p in zip(fits, batch, strict=True)
         ]
         _solve_batch(executor, backend, batch, mine, progress)
         runs += mine
     return runs
+
+
+def _run(
+    name: str, problem: BlockProblem, backend: str, repeat: int, seed: int, status: str
+) -> Run:
+    """A run of ``backend`` on ``problem`` before it is solved."""
+    return Run(
+        name,
+        problem.n,
+        problem.k,
+        backend,
+        repeat,
+        seed,
+        status,
+        groups=problem.num_groups,
+    )
 
 
 def _solve_batch(

@@ -40,6 +40,33 @@ SCHEDULES = ("uniform", "log")
 TAPE_DTYPES = ("float32", "bfloat16")
 #: Whose inputs a refit applies the original layer to (icbs_opt.pruning.refit).
 REFIT_TARGETS = ("dense", "current")
+#: The pattern without groups; any other is ``"N:M"`` (DESIGN "N:M patterns").
+UNSTRUCTURED = "unstructured"
+
+
+def parse_pattern(pattern: Any) -> tuple[int, int] | None:
+    """``(N, M)`` of an ``"N:M"`` pattern, or None for ``"unstructured"``.
+
+    Example:
+        >>> parse_pattern("2:4"), parse_pattern("unstructured")
+        ((2, 4), None)
+
+    Raises:
+        PruningError: Unless ``pattern`` is ``"unstructured"`` or ``"N:M"`` with
+            integers ``0 < N < M``.
+    """
+    if pattern == UNSTRUCTURED:
+        return None
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 0 < n < m:
+            return n, m
+    raise PruningError(
+        f"pattern must be {UNSTRUCTURED!r} or 'N:M' with integers 0 < N < M "
+        f"(such as '2:4'), got {pattern!r}"
+    )
+
 
 #: The paper's method settings, on top of PruneConfig's; every built-in preset uses
 #: them.
@@ -60,13 +87,21 @@ class PruneConfig:
 
     Attributes:
         density: Fraction of each pruned layer's weights kept, in (0, 1); a layer
-            keeps ``round(density * numel)`` weights.
-        block_size: ``n``, weights per block step (>= 2).
-        k: Pruned weights per block, in [1, block_size - 1]; None: block_size // 2.
+            keeps ``round(density * numel)`` weights. None: ``N / M`` of an N:M
+            ``pattern`` (which a density given must equal).
+        pattern: ``unstructured``, or ``"N:M"`` (``0 < N < M``, such as ``2:4``):
+            every group of M consecutive weights along a row's input dimension
+            (Conv2d: the flattened input) keeps exactly N. Every pruned layer's
+            input size must then be a multiple of M.
+        block_size: ``n``, weights per block step (>= 2); with N:M a multiple of
+            M: a block is the free weights of at most ``n / M`` whole groups.
+        k: Pruned weights per block, in [1, block_size - 1]; None: block_size // 2,
+            with N:M ``block_size * (M - N) / M`` (the only value allowed).
         init: Initial pruning: ``magnitude``, ``wanda``, ``gradient``, ``random``,
             the first three also ``*_per_output`` / ``*_per_input``; or
             ``sparsegpt`` (DESIGN section 1b: its mask, and its updated kept
-            weights become the values steps restore).
+            weights become the values steps restore). With N:M each group keeps
+            its top N (``*_per_output`` is the same, ``*_per_input`` refused).
         selection: Block selection: ``random``, ``magnitude``, ``wanda``,
             ``gradient``.
         hessian: ``gradient_per_sample``, ``gradient_mean``, ``exact`` or
@@ -106,7 +141,8 @@ class PruneConfig:
         seed: Seed of every random choice (init, layer, block, solver).
     """
 
-    density: float
+    density: float | None = None
+    pattern: str = UNSTRUCTURED
     block_size: int = 256
     k: int | None = None
     init: str = "magnitude"
@@ -135,8 +171,17 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         err = {"error": PruningError}
-        self.density = check_float(self.density, "density", above=0, below=1, **err)
+        nm = parse_pattern(self.pattern)
+        if self.density is None and nm is None:
+            raise PruningError(
+                "density is required (a number in (0, 1)) unless pattern is N:M"
+            )
+        if self.density is not None:
+            self.density = check_float(self.density, "density", above=0, below=1, **err)
         self.block_size = check_int(self.block_size, "block_size", minimum=2, **err)
+        if nm is not None:
+            self.pattern = f"{nm[0]}:{nm[1]}"  # one spelling: " 02:4" is "2:4"
+            self._check_pattern(*nm)
         if self.k is None:
             self.k = self.block_size // 2
         top = self.block_size - 1
@@ -178,6 +223,40 @@ class PruneConfig:
                 raise PruningError(
                     f"{name} must be True or False, got {getattr(self, name)!r}"
                 )
+
+    def _check_pattern(self, n: int, m: int) -> None:
+        """Density, block size, k and init as an N:M pattern implies them."""
+        if self.density is not None and abs(self.density - n / m) > 1e-6:
+            raise PruningError(
+                f"density {self.density!r} disagrees with pattern {self.pattern!r}, "
+                f"which keeps {n / m:g}: give the density {n / m:g} or none"
+            )
+        self.density = n / m  # exactly: a density given agrees to 6 digits
+        if self.block_size % m:
+            raise PruningError(
+                f"block_size must be a multiple of M = {m} with pattern "
+                f"{self.pattern!r} (a block holds whole groups), got {self.block_size}"
+            )
+        implied = self.block_size // m * (m - n)  # M - N pruned in every group
+        if self.k is None:
+            self.k = implied
+        elif self.k != implied:
+            raise PruningError(
+                f"k must be block_size * (M - N) / M = {implied} with pattern "
+                f"{self.pattern!r} and block_size {self.block_size} (or unset), "
+                f"got {self.k!r}"
+            )
+        if self.init.endswith("_per_input"):
+            raise PruningError(
+                f"init {self.init!r} ranks weights per input column, across the "
+                f"groups of pattern {self.pattern!r}; use {self.init_method!r}, "
+                "which keeps the top N of every group"
+            )
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` of an N:M ``pattern``; None when unstructured."""
+        return parse_pattern(self.pattern)
 
     @property
     def init_method(self) -> str:
@@ -265,7 +344,8 @@ class Preset:
     def replace(self, **changes: Any) -> Preset:
         """A copy with the given fields of ``config`` or ``run`` replaced.
 
-        ``k`` follows a new ``block_size`` unless given too.
+        ``k`` follows a new ``block_size`` or ``pattern`` unless given too, and
+        ``density`` a new N:M ``pattern`` (its ``N / M``) unless given too.
 
         Raises:
             PruningError: For an unknown field or a bad value.
@@ -277,8 +357,14 @@ class Preset:
                 f"{', '.join(CONFIG_FIELDS + RUN_FIELDS)}"
             )
         config = {k: v for k, v in changes.items() if k in CONFIG_FIELDS}
-        if "block_size" in config and "k" not in config:
+        if ("block_size" in config or "pattern" in config) and "k" not in config:
             config["k"] = None
+        if (
+            "pattern" in config
+            and "density" not in config
+            and parse_pattern(config["pattern"])
+        ):
+            config["density"] = None  # the pattern's N / M
         run = {k: v for k, v in changes.items() if k in RUN_FIELDS}
         return Preset(
             dataclasses.replace(self.config, **config),

@@ -7,7 +7,9 @@ Use it from a test module by subclassing::
     class TestBackends(BackendConformance):
         pass
 
-The class is parametrised over every registered backend. Override
+The class is parametrised over every registered backend. Grouped (N:M) problems
+have their own cases: exact optima against brute force, feasibility in every
+group and warm starts checked per group. Override
 :meth:`BackendConformance.make_backend` to hand a backend test-only options (for
 example a local device for a cloud backend, or fewer iterations for a slow one).
 Requires pytest.
@@ -24,10 +26,50 @@ from icbs_opt.backends import Backend, get_backend, registered_backends
 from icbs_opt.errors import BackendError, ProblemTooLarge
 from icbs_opt.problems import BlockProblem, random_problem
 
+#: Largest n :func:`exact_optimum` enumerates (``2^n`` points).
+BRUTE_FORCE_MAX_N = 16
+
 
 def exact_optimum(problem: BlockProblem) -> float:
-    """The optimum energy by enumeration (small n only)."""
-    return get_backend("exhaustive").solve(problem).energy
+    """The optimum energy by brute force over all ``2^n`` points (n <= 16).
+
+    Independent of every backend (``exhaustive`` included): it keeps the points
+    that :meth:`BlockProblem.is_feasible` would accept (every group's count) and
+    returns :meth:`BlockProblem.energy` of the best, so a backend that finds the
+    same point reports exactly the same energy.
+
+    Example:
+        >>> exact_optimum(BlockProblem([[1.0, -2.0], [-2.0, 1.0]], k=1))
+        1.0
+    """
+    if problem.n > BRUTE_FORCE_MAX_N:
+        raise ValueError(
+            f"exact_optimum enumerates 2^n points, n <= {BRUTE_FORCE_MAX_N}; "
+            f"got n = {problem.n}"
+        )
+    n = problem.n
+    X = (np.arange(2**n)[:, None] >> np.arange(n)) & 1  # (2^n, n) every point
+    X = X[(problem.count_ones(X) == problem.group_counts).all(axis=1)]
+    energies = np.einsum("mi,mi->m", X @ problem.Q, X)  # (feasible,) x^T Q x
+    return problem.energy(X[int(np.argmin(energies))])
+
+
+def grouped_problems(seed: int, max_n: int | None = None) -> list[BlockProblem]:
+    """Small grouped problems of the conformance kit (n <= 12).
+
+    2:4 on two groups of four, one per group on three groups of four, and
+    unequal group sizes and counts on non-contiguous groups (with a group that
+    must stay all zeros and one that must be all ones). Those above ``max_n``
+    are left out.
+    """
+    Q9 = random_problem(9, seed=seed + 50).Q
+    problems = [
+        random_problem(8, 2, seed=seed, group_size=4),
+        random_problem(12, 1, seed=seed + 20, group_size=4),
+        BlockProblem(Q9, [1, 3, 0], groups=[2, 0, 1, 1, 0, 1, 0, 1, 1]),
+        BlockProblem(Q9[:7, :7], [2, 0, 2], groups=[0, 0, 0, 1, 1, 2, 2]),
+    ]
+    return [p for p in problems if max_n is None or p.n <= max_n]
 
 
 class BackendConformance:
@@ -51,6 +93,7 @@ class BackendConformance:
         assert sol.x.dtype == np.int8
         assert set(np.unique(sol.x)) <= {0, 1}
         assert sol.feasible and int(sol.x.sum()) == problem.k
+        assert problem.count_ones(sol.x).tolist() == problem.group_counts.tolist()
         assert sol.energy == pytest.approx(problem.energy(sol.x), rel=1e-9, abs=1e-12)
         assert sol.seconds >= 0
         assert isinstance(sol.info, dict)
@@ -116,3 +159,30 @@ class BackendConformance:
         problem = BlockProblem(np.eye(limit + 1), 1)
         with pytest.raises(ProblemTooLarge, match=f"at most n = {limit}"):
             backend.solve(problem)
+
+    # ------------------------------------------------------- grouped problems
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_grouped_exact_optimum(self, backend: Backend, seed: int) -> None:
+        """Small grouped problems are solved to the brute-force optimum."""
+        for problem in grouped_problems(seed, backend.size_limit()):
+            sol = self._check(backend, problem, seed=seed)
+            assert sol.energy == pytest.approx(exact_optimum(problem), abs=1e-9)
+
+    def test_grouped_same_seed_same_answer(self, backend: Backend) -> None:
+        """The same seed gives the same answer on a grouped problem."""
+        problem = random_problem(12, 2, seed=8, group_size=4)
+        first = self._check(backend, problem, seed=5)
+        assert first.x.tolist() == self._check(backend, problem, seed=5).x.tolist()
+
+    def test_grouped_warm_start_accepted(self, backend: Backend) -> None:
+        """A warm start feasible in every group is accepted."""
+        for problem in grouped_problems(3, backend.size_limit()):
+            self._check(backend, problem, seed=0, x0=problem.random_feasible(1))
+
+    def test_grouped_rejects_infeasible_warm_start(self, backend: Backend) -> None:
+        """A warm start with the right total but a wrong group count is refused."""
+        problem = random_problem(8, 2, seed=5, group_size=4)
+        with pytest.raises(
+            ValueError, match="x0 must have exactly 2 ones in group 0, got 3"
+        ):
+            backend.solve(problem, x0=[1, 1, 1, 0, 1, 0, 0, 0])

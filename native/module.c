@@ -43,20 +43,30 @@ static PyArrayObject *square_matrix(PyObject *obj, npy_intp *n) {
     return arr;
 }
 
-/* Take the optional keyword "stop" out of a copy of kwargs (the other keywords
- * are all required, which PyArg_ParseTupleAndKeywords cannot mix with optional
- * keyword-only ones). On success *kwargs and *stop are new references or NULL. */
-static int pop_stop(PyObject **kwargs, PyObject **stop) {
-    *stop = NULL;
+/* The optional keyword-only arguments, taken out of kwargs by pop_optional. */
+#define NUM_OPTIONAL 3
+static const char *const optional_names[NUM_OPTIONAL] = {"stop", "groups", "counts"};
+
+static void release_optional(PyObject **values) {
+    for (int t = 0; t < NUM_OPTIONAL; t++) Py_CLEAR(values[t]);
+}
+
+/* Take the optional keywords out of a copy of kwargs (the other keywords are all
+ * required, which PyArg_ParseTupleAndKeywords cannot mix with optional
+ * keyword-only ones). On success *kwargs and values[] are new references or NULL. */
+static int pop_optional(PyObject **kwargs, PyObject **values) {
+    for (int t = 0; t < NUM_OPTIONAL; t++) values[t] = NULL;
     if (*kwargs == NULL) return 0;
     PyObject *copy = PyDict_Copy(*kwargs);
     if (!copy) return -1;
-    *stop = PyDict_GetItemString(copy, "stop");
-    Py_XINCREF(*stop);
-    if (*stop && PyDict_DelItemString(copy, "stop") < 0) {
-        Py_DECREF(copy);
-        Py_DECREF(*stop);
-        return -1;
+    for (int t = 0; t < NUM_OPTIONAL; t++) {
+        values[t] = PyDict_GetItemString(copy, optional_names[t]);
+        Py_XINCREF(values[t]);
+        if (values[t] && PyDict_DelItemString(copy, optional_names[t]) < 0) {
+            Py_DECREF(copy);
+            release_optional(values);
+            return -1;
+        }
     }
     *kwargs = copy;
     return 0;
@@ -78,6 +88,36 @@ static int stop_flag(PyObject *obj, const volatile int32_t **flag) {
     return 0;
 }
 
+/* A C-contiguous 1-D array of `type` (length n when n >= 0, else at least 1). */
+static int vector_of(PyObject *obj, int type, npy_intp n) {
+    if (!PyArray_Check(obj)) return 0;
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    return PyArray_TYPE(arr) == type && PyArray_NDIM(arr) == 1 &&
+           PyArray_IS_C_CONTIGUOUS(arr) &&
+           (n >= 0 ? PyArray_DIM(arr, 0) == n : PyArray_DIM(arr, 0) >= 1);
+}
+
+/* groups and counts: both None, or an int32 vector of length n and a non-empty
+ * int64 vector. */
+static int group_arrays(PyObject *groups, PyObject *counts, npy_intp n,
+                        icbs_sa_groups *out) {
+    const int none = (groups == NULL || groups == Py_None) &&
+                     (counts == NULL || counts == Py_None);
+    out->num_groups = 0;
+    if (none) return 0;
+    if (!groups || !counts || !vector_of(groups, NPY_INT32, n) ||
+        !vector_of(counts, NPY_INT64, -1)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "groups and counts must both be None, or a contiguous int32 "
+                        "vector of length n and a non-empty contiguous int64 vector");
+        return -1;
+    }
+    out->group = (const int32_t *)PyArray_DATA((PyArrayObject *)groups);
+    out->count = (const int64_t *)PyArray_DATA((PyArrayObject *)counts);
+    out->num_groups = (int64_t)PyArray_DIM((PyArrayObject *)counts, 0);
+    return 0;
+}
+
 static PyObject *new_vector(npy_intp len, int type) {
     npy_intp dims[1] = {len};
     return PyArray_ZEROS(1, dims, type, 0);
@@ -86,9 +126,13 @@ static PyObject *new_vector(npy_intp len, int type) {
 PyDoc_STRVAR(solve_doc,
              "solve(Q, k, x0, *, seed, num_restarts, beta_min, beta_max, beta_factor,\n"
              "      sweeps_per_beta, sweep_size, num_threads, auto_schedule,\n"
-             "      auto_samples, auto_accept, auto_range, stop=None) -> (x, info)\n\n"
+             "      auto_samples, auto_accept, auto_range, stop=None, groups=None,\n"
+             "      counts=None) -> (x, info)\n\n"
              "Anneal min x^T Q x subject to sum(x) = k with swap moves. Q: square\n"
              "C-contiguous float64 (symmetric); x0: None or int8 vector with k ones.\n"
+             "groups (int32, n group ids in [0, G)) and counts (int64, G ones per\n"
+             "group): a grouped problem, swaps only inside a group; k is then\n"
+             "ignored and x0 must have counts[g] ones in each group g.\n"
              "stop: None or an int32 array; setting stop[0] != 0 from another thread\n"
              "ends the solve within a sweep with KeyboardInterrupt. Returns the int8\n"
              "answer and a dict of run details. Use the Python\n"
@@ -100,29 +144,28 @@ static PyObject *py_solve(PyObject *self, PyObject *args, PyObject *kwargs) {
         "beta_min",    "beta_max",    "beta_factor",  "sweeps_per_beta", "sweep_size",
         "num_threads", "auto_schedule", "auto_samples", "auto_accept",   "auto_range",
         NULL};
-    PyObject *q_obj, *x0_obj, *stop_obj = NULL;
+    PyObject *q_obj, *x0_obj, *opt[NUM_OPTIONAL]; /* stop, groups, counts */
     long long k, num_restarts, sweeps_per_beta, sweep_size, auto_samples;
     unsigned long long seed;
     double beta_min, beta_max, beta_factor, auto_accept, auto_range;
     int num_threads, auto_schedule;
     (void)self;
-    if (pop_stop(&kwargs, &stop_obj) < 0) return NULL;
+    if (pop_optional(&kwargs, opt) < 0) return NULL;
     int parsed = PyArg_ParseTupleAndKeywords(args, kwargs, "OLO$KLdddLLipLdd", keywords,
                                      &q_obj, &k, &x0_obj, &seed, &num_restarts,
                                      &beta_min, &beta_max, &beta_factor,
                                      &sweeps_per_beta, &sweep_size, &num_threads,
                                      &auto_schedule, &auto_samples, &auto_accept,
                                      &auto_range);
-    Py_XDECREF(kwargs); /* pop_stop's copy */
-    const volatile int32_t *stop;
-    if (!parsed || stop_flag(stop_obj, &stop) < 0) {
-        Py_XDECREF(stop_obj);
-        return NULL;
-    }
-    Py_XDECREF(stop_obj); /* the caller's array keeps it alive during the call */
-    npy_intp n;
-    PyArrayObject *q = square_matrix(q_obj, &n);
-    if (!q) return NULL;
+    Py_XDECREF(kwargs); /* pop_optional's copy */
+    const volatile int32_t *stop = NULL;
+    npy_intp n = 0;
+    icbs_sa_groups groups;
+    PyArrayObject *q = parsed ? square_matrix(q_obj, &n) : NULL;
+    const int bad = !q || stop_flag(opt[0], &stop) < 0 ||
+                    group_arrays(opt[1], opt[2], n, &groups) < 0;
+    release_optional(opt); /* the caller's arrays stay alive during the call */
+    if (bad) return NULL;
     const int8_t *x0 = NULL;
     if (x0_obj != Py_None) {
         if (!PyArray_Check(x0_obj) || PyArray_TYPE((PyArrayObject *)x0_obj) != NPY_INT8 ||
@@ -168,7 +211,10 @@ static PyObject *py_solve(PyObject *self, PyObject *args, PyObject *kwargs) {
         int8_t *xd = (int8_t *)PyArray_DATA((PyArrayObject *)x);
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = icbs_sa_solve(qd, (int64_t)n, (int64_t)k, x0, &params, xd, &res);
+        if (groups.num_groups > 0)
+            rc = icbs_sa_solve_groups(qd, (int64_t)n, &groups, x0, &params, xd, &res);
+        else
+            rc = icbs_sa_solve(qd, (int64_t)n, (int64_t)k, x0, &params, xd, &res);
         Py_END_ALLOW_THREADS
         if (rc != ICBS_SA_OK) {
             raise_for(rc);

@@ -31,6 +31,19 @@
  * threads run them (OpenMP when compiled with it, else one after another). The
  * best restart has the lowest energy, ties going to the lower restart index.
  *
+ * Grouped problems (icbs_sa_solve_groups) split the variables into groups, each
+ * with its own count of ones, e.g. N:M sparsity. A move then swaps one 1 and one 0
+ * of the SAME group, so every visited state keeps every group's count; the move
+ * test is the same O(1) expression. Each group's variables live in one segment of
+ * the index array (its ones first). Groups with count 0 or count = size never
+ * move. Proposals are uniform over the feasible swaps: a group is drawn with
+ * probability proportional to its number of swaps, count * (size - count), by
+ * Walker's alias method (one bounded draw when all movable groups have the same
+ * number of swaps, as in N:M), then one of its ones and one of its zeros. The
+ * finishing descent swaps inside groups only, and the restart's energy is summed
+ * exactly from Q over its ones in index order. The auto schedule samples the same
+ * proposals.
+ *
  * The core owns no schedule policy: every number of the schedule (the range, the
  * sweep size, the auto schedule's sample size, acceptance and range) comes from
  * the caller in icbs_sa_params. icbs-opt's defaults are the constants at the top
@@ -70,6 +83,13 @@ typedef struct {
     const volatile int32_t *stop;
 } icbs_sa_params;
 
+/* The groups of a grouped problem. */
+typedef struct {
+    int64_t num_groups;   /* G, 1 <= G <= n */
+    const int32_t *group; /* n group ids, each in [0, G) */
+    const int64_t *count; /* G counts: 0 <= count[g] <= the size of group g */
+} icbs_sa_groups;
+
 typedef struct {
     /* Caller-allocated arrays of num_restarts entries, or NULL. */
     double *restart_energies;  /* exact energy of each restart's answer */
@@ -97,6 +117,22 @@ typedef struct {
  */
 int icbs_sa_solve(const double *Q, int64_t n, int64_t k, const int8_t *x0,
                   const icbs_sa_params *params, int8_t *x_out, icbs_sa_result *result);
+
+/*
+ * Anneal a grouped problem: as icbs_sa_solve, with every group g holding exactly
+ * groups->count[g] ones (their sum is the k of icbs_sa_solve). x0, when given,
+ * must have those counts. With params->auto_schedule the range comes from the
+ * proposals of the grouped moves, as icbs_sa_auto_betas describes (every swap
+ * when there are at most params->auto_samples of them).
+ *
+ * Memory: besides Q, O(n) per thread plus O(n) shared.
+ *
+ * Returns as icbs_sa_solve; ICBS_SA_EINVAL also for a group id out of range or a
+ * count out of [0, size of its group].
+ */
+int icbs_sa_solve_groups(const double *Q, int64_t n, const icbs_sa_groups *groups,
+                         const int8_t *x0, const icbs_sa_params *params, int8_t *x_out,
+                         icbs_sa_result *result);
 
 /*
  * The auto schedule's beta range, from Q's scale as the moves see it: at the start

@@ -324,6 +324,275 @@ static void test_stop_flag(void) {
     free(Q);
 }
 
+/* ------------------------------------------------------------ grouped */
+
+/* Whether every group g of x has count[g] ones (G <= 256). */
+static int feasible_groups(const int8_t *x, int64_t n, const int32_t *group,
+                           int64_t G, const int64_t *count) {
+    int64_t ones[256] = {0};
+    for (int64_t i = 0; i < n; i++) {
+        if (x[i] != 0 && x[i] != 1) return 0;
+        ones[group[i]] += x[i];
+    }
+    for (int64_t g = 0; g < G; g++)
+        if (ones[g] != count[g]) return 0;
+    return 1;
+}
+
+/* The optimum over all x with count[g] ones in each group (n <= 20). */
+static double brute_force_groups(const double *Q, int64_t n, const int32_t *group,
+                                 int64_t G, const int64_t *count, int8_t *x_best) {
+    double best = INFINITY;
+    int8_t x[20];
+    for (uint32_t mask = 0; mask < (1u << n); mask++) {
+        for (int64_t i = 0; i < n; i++) x[i] = (int8_t)((mask >> i) & 1u);
+        if (!feasible_groups(x, n, group, G, count)) continue;
+        const double e = energy(Q, n, x);
+        if (e < best) {
+            best = e;
+            memcpy(x_best, x, (size_t)n);
+        }
+    }
+    return best;
+}
+
+/* A grouping of n variables: kind 0 consecutive groups of m, kind 1 round robin
+ * over G = n / m groups (not contiguous), kind 2 random sizes and counts (some
+ * groups never move). Writes group and count; returns G. */
+static int64_t make_groups(int64_t n, int64_t m, int kind, uint64_t seed,
+                           int32_t *group, int64_t *count) {
+    int64_t G = (n + m - 1) / m, size[64] = {0};
+    test_rng_state = seed;
+    for (int64_t i = 0; i < n; i++) {
+        if (kind == 0) group[i] = (int32_t)(i / m);
+        else if (kind == 1) group[i] = (int32_t)(i % G);
+        else group[i] = (int32_t)(i < G ? i : (uniform_pm1() + 1.0) * 0.5 * (double)G);
+        if (group[i] >= G) group[i] = (int32_t)(G - 1);
+        size[group[i]]++;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        if (kind < 2) count[g] = size[g] / 2;
+        else count[g] = (int64_t)((uniform_pm1() + 1.0) * 0.5 * (double)(size[g] + 1));
+        if (count[g] > size[g]) count[g] = size[g];
+    }
+    return G;
+}
+
+static int64_t sum_counts(const int64_t *count, int64_t G) {
+    int64_t k = 0;
+    for (int64_t g = 0; g < G; g++) k += count[g];
+    return k;
+}
+
+/* Both schedules find the optimum over per-group feasible x of small problems. */
+static void test_grouped_exact_on_small_problems(void) {
+    int8_t x[20], opt[20];
+    int32_t group[20];
+    int64_t count[20];
+    for (int64_t n = 4; n <= 16; n += 2)
+        for (int kind = 0; kind < 3; kind++)
+            for (int64_t m = 2; m <= 4; m += 2)
+                for (uint64_t seed = 0; seed < 3; seed++) {
+                    const int64_t G = make_groups(n, m, kind, seed + 17 * (uint64_t)n,
+                                                  group, count);
+                    double *Q = random_q(n, 500 * (uint64_t)n + 7 * m + seed + kind);
+                    const double best = brute_force_groups(Q, n, group, G, count, opt);
+                    const icbs_sa_groups gr = {G, group, count};
+                    for (int au = 0; au <= 1; au++) {
+                        icbs_sa_params p = default_params(n, seed);
+                        p.auto_schedule = au;
+                        double e[10];
+                        icbs_sa_result r = {e, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+                        const int rc = icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r);
+                        CHECK(rc == ICBS_SA_OK, "rc %d", rc);
+                        CHECK(feasible_groups(x, n, group, G, count),
+                              "n=%lld kind=%d m=%lld infeasible", (long long)n, kind,
+                              (long long)m);
+                        const double ex = energy(Q, n, x);
+                        CHECK(fabs(e[r.best_restart] - ex) < 1e-9, "reported %.12g vs %.12g",
+                              e[r.best_restart], ex);
+                        CHECK(fabs(ex - best) < 1e-9,
+                              "n=%lld kind=%d m=%lld auto=%d: %.12g vs %.12g",
+                              (long long)n, kind, (long long)m, au, ex, best);
+                    }
+                    free(Q);
+                }
+}
+
+/* Every restart's answer is feasible per group; threads do not change answers. */
+static void test_grouped_threads_and_seeds(void) {
+    const int64_t n = 600; /* n >= 512: restarts run in parallel */
+    double *Q = random_q(n, 8);
+    int32_t group[600];
+    int64_t count[150];
+    for (int64_t i = 0; i < n; i++) group[i] = (int32_t)(i / 4);
+    for (int64_t g = 0; g < 150; g++) count[g] = 2;
+    const icbs_sa_groups gr = {150, group, count};
+    int8_t x[3][600];
+    double e[3][6];
+    int64_t sweeps[3][6];
+    for (int t = 0; t < 3; t++) {
+        icbs_sa_params p = default_params(n, 42);
+        p.num_restarts = 6;
+        p.num_threads = t + 1;
+        icbs_sa_result r = {e[t], sweeps[t], NULL, NULL, 0, 0, 0, 0, 0};
+        CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x[t], &r) == ICBS_SA_OK,
+              "threads %d", t + 1);
+        CHECK(feasible_groups(x[t], n, group, 150, count), "threads %d", t + 1);
+        CHECK(fabs(energy(Q, n, x[t]) - e[t][r.best_restart]) < 1e-9,
+              "reported %.12g", e[t][r.best_restart]);
+    }
+    for (int t = 1; t < 3; t++) {
+        CHECK(memcmp(x[0], x[t], (size_t)n) == 0, "x differs with %d threads", t + 1);
+        CHECK(memcmp(e[0], e[t], sizeof(e[0])) == 0, "energies differ, %d threads",
+              t + 1);
+        CHECK(memcmp(sweeps[0], sweeps[t], sizeof(sweeps[0])) == 0,
+              "sweeps differ, %d threads", t + 1);
+    }
+    int8_t y[600];
+    double e2[6];
+    icbs_sa_params p = default_params(n, 43);
+    p.num_restarts = 6;
+    icbs_sa_result r = {e2, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, y, &r) == ICBS_SA_OK, "seed 43");
+    CHECK(memcmp(e[0], e2, sizeof(e2)) != 0, "seeds 42 and 43 gave the same runs");
+    free(Q);
+}
+
+/* Groups with count 0 or count = size never move; all of them: one answer. */
+static void test_grouped_fixed_groups(void) {
+    const int64_t n = 9;
+    double *Q = random_q(n, 12);
+    int32_t group[9] = {0, 0, 0, 1, 1, 1, 2, 2, 2};
+    int64_t count[3] = {0, 3, 0};
+    int8_t x[9];
+    double e[10];
+    int64_t sweeps[10];
+    icbs_sa_params p = default_params(n, 0);
+    icbs_sa_result r = {e, sweeps, NULL, NULL, 0, 0, 0, 0, 0};
+    icbs_sa_groups gr = {3, group, count};
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_OK, "fixed");
+    const int8_t want[9] = {0, 0, 0, 1, 1, 1, 0, 0, 0};
+    CHECK(memcmp(x, want, 9) == 0, "not the single feasible point");
+    CHECK(fabs(e[0] - energy(Q, n, x)) < 1e-12 && sweeps[0] == 0, "energy %.12g", e[0]);
+    /* One movable group among fixed ones: only it changes. */
+    count[2] = 1;
+    int8_t opt[9];
+    const double best = brute_force_groups(Q, n, group, 3, count, opt);
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_OK, "mixed");
+    CHECK(feasible_groups(x, n, group, 3, count), "mixed infeasible");
+    CHECK(fabs(energy(Q, n, x) - best) < 1e-12, "mixed %.12g vs %.12g",
+          energy(Q, n, x), best);
+    free(Q);
+}
+
+static void test_grouped_warm_start(void) {
+    const int64_t n = 12;
+    double *Q = random_q(n, 77);
+    int32_t group[12];
+    int64_t count[3] = {1, 2, 3};
+    for (int64_t i = 0; i < n; i++) group[i] = (int32_t)(i % 3);
+    const icbs_sa_groups gr = {3, group, count};
+    int8_t opt[12], x[12];
+    const double best = brute_force_groups(Q, n, group, 3, count, opt);
+    icbs_sa_params p = default_params(n, 1);
+    p.auto_schedule = 0;
+    p.beta_min = p.beta_max = 1e6;
+    double e[10];
+    int64_t descent[10];
+    icbs_sa_result r = {e, NULL, NULL, descent, 0, 0, 0, 0, 0};
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, opt, &p, x, &r) == ICBS_SA_OK, "warm");
+    CHECK(memcmp(x, opt, (size_t)n) == 0, "left the optimum");
+    for (int t = 0; t < 10; t++)
+        CHECK(fabs(e[t] - best) < 1e-12 && descent[t] == 0, "restart %d: %.12g", t,
+              e[t]);
+    /* A hot short schedule from any feasible x0 ends no worse than x0. */
+    int8_t x0[12] = {1, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0};
+    CHECK(feasible_groups(x0, n, group, 3, count), "test x0 infeasible");
+    p.beta_min = 1e-6;
+    p.beta_max = 1e-5;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, x0, &p, x, &r) == ICBS_SA_OK, "hot warm");
+    CHECK(energy(Q, n, x) <= energy(Q, n, x0) + 1e-12, "worse than x0");
+    CHECK(feasible_groups(x, n, group, 3, count), "hot warm infeasible");
+    /* The right total but not per group: refused. */
+    int8_t bad[12] = {1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0};
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, bad, &p, x, &r) == ICBS_SA_EINVAL,
+          "x0 infeasible per group");
+    free(Q);
+}
+
+static void test_grouped_bad_arguments(void) {
+    const int64_t n = 6;
+    double *Q = random_q(n, 5);
+    int8_t x[6];
+    int32_t group[6] = {0, 0, 0, 1, 1, 1};
+    int64_t count[2] = {1, 2};
+    icbs_sa_result r = {NULL, NULL, NULL, NULL, 0, 0, 0, 0, 0};
+    icbs_sa_params p = default_params(n, 0);
+    icbs_sa_groups gr = {2, group, count};
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_OK, "valid");
+    CHECK(icbs_sa_solve_groups(Q, n, NULL, NULL, &p, x, &r) == ICBS_SA_EINVAL, "NULL");
+    gr.num_groups = 0;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "G = 0");
+    gr.num_groups = 7;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "G > n");
+    gr.num_groups = 2;
+    group[5] = 2;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "id 2");
+    group[5] = -1;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "id -1");
+    group[5] = 1;
+    count[1] = 4;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "4 > 3");
+    count[1] = -1;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "-1");
+    count[1] = 2;
+    p.num_restarts = 0;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "0 runs");
+    p = default_params(n, 0);
+    p.auto_samples = 0;
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_EINVAL, "samples");
+    int8_t x0[6] = {1, 0, 0, 1, 1, 2};
+    p = default_params(n, 0);
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, x0, &p, x, &r) == ICBS_SA_EINVAL, "x0 not 0/1");
+    free(Q);
+}
+
+/* Unequal groups (the alias draw) on a larger problem: feasible, exact energy. */
+static void test_grouped_larger_problem(void) {
+    const int64_t n = 700;
+    double *Q = random_q(n, 31);
+    int32_t *group = malloc((size_t)n * sizeof(int32_t));
+    int64_t count[100], ones[100] = {0};
+    for (int64_t i = 0; i < n; i++) group[i] = (int32_t)((i * 37) % 100);
+    for (int64_t g = 0; g < 100; g++) count[g] = g % 8; /* size 7: 0..7, 7 is fixed */
+    const icbs_sa_groups gr = {100, group, count};
+    int8_t *x = malloc((size_t)n);
+    double e[4];
+    int64_t sweeps[4], accepted[4], descent[4];
+    icbs_sa_params p = default_params(n, 8);
+    p.num_restarts = 4;
+    icbs_sa_result r = {e, sweeps, accepted, descent, 0, 0, 0, 0, 0};
+    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x, &r) == ICBS_SA_OK, "n = 700");
+    for (int64_t i = 0; i < n; i++) ones[group[i]] += x[i];
+    for (int64_t g = 0; g < 100; g++)
+        CHECK(ones[g] == count[g], "group %lld: %lld ones", (long long)g,
+              (long long)ones[g]);
+    const double exact = energy(Q, n, x);
+    CHECK(fabs(e[r.best_restart] - exact) <= 1e-9 * fabs(exact), "%.12g vs %.12g",
+          e[r.best_restart], exact);
+    for (int t = 0; t < 4; t++) {
+        CHECK(e[r.best_restart] <= e[t], "restart %d beat the best", t);
+        CHECK(sweeps[t] >= 1 && sweeps[t] <= r.num_betas, "sweeps %lld",
+              (long long)sweeps[t]);
+        CHECK(accepted[t] > 0, "restart %d accepted nothing", t);
+    }
+    CHECK(sum_counts(count, 100) == count_ones(x, n), "total ones");
+    free(Q);
+    free(group);
+    free(x);
+}
+
 int main(void) {
     test_exact_on_small_problems();
     test_same_answer_for_any_thread_count();
@@ -333,6 +602,12 @@ int main(void) {
     test_auto_range();
     test_larger_problem();
     test_stop_flag();
+    test_grouped_exact_on_small_problems();
+    test_grouped_threads_and_seeds();
+    test_grouped_fixed_groups();
+    test_grouped_warm_start();
+    test_grouped_bad_arguments();
+    test_grouped_larger_problem();
     printf("%d checks, %d failed\n", checks, failures);
     return failures != 0;
 }

@@ -64,6 +64,26 @@ def test_solve_ubqp_with_backend_option(tmp_path, capsys):
     assert out["info"]["reads"] % 3 == 0 and out["feasible"]
 
 
+def test_solve_grouped_file(tmp_path, capsys):
+    problem = random_problem(12, [1, 2, 3], seed=4, group_size=4)
+    for name, write in (("g.npz", problem.save), ("g.ubqp", problem.to_ubqp)):
+        write(tmp_path / name)
+        argv = ["solve", str(tmp_path / name), "--backend", "exhaustive"]
+        assert main([*argv, "--json", "-"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["groups"] == 3 and out["group_counts"] == [1, 2, 3]
+        assert out["k"] == 6 and out["feasible"] is True
+        assert problem.count_ones(out["x"]).tolist() == [1, 2, 3]
+        assert main(argv) == 0
+        assert "n = 12, k = 6 in 3 groups, energy" in capsys.readouterr().out
+    argv = ["solve", str(tmp_path / "g.npz"), "--backend", "neal", "--k", "2"]
+    assert main([*argv, "--json", "-"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["group_counts"] == [2, 2, 2] and out["feasible"] is True
+    err = _error(capsys, [*argv[:-1], "5"])
+    assert "k for group 0 (4 variables) must be an integer in [0, 4], got 5" in err
+
+
 def _error(capsys, argv):
     assert main(argv) == 2
     captured = capsys.readouterr()

@@ -9,6 +9,7 @@ from icbs_opt.cli import main
 from icbs_opt.compare import compare, find_problem_files, load_problems, run_seed
 from icbs_opt.errors import ProblemError
 from icbs_opt.problems import BlockProblem, random_problem
+from icbs_opt.testing import exact_optimum
 
 
 @pytest.fixture
@@ -286,3 +287,49 @@ def test_cli_executor_errors(folder, capsys):
     assert main([*argv, "--executor", "mpi://x:1"]) == 2
     err = capsys.readouterr().err
     assert "unknown executor 'mpi://x:1'; use 'threads', 'dask://HOST:PORT'" in err
+
+
+def test_grouped_problems_are_compared_as_grouped(tmp_path, capsys):
+    random_problem(8, 2, seed=0, group_size=4).save(tmp_path / "g.npz")
+    random_problem(12, 1, seed=1, group_size=4).to_ubqp(tmp_path / "g.ubqp")
+    random_problem(6, 3, seed=2).save(tmp_path / "u.npz")
+    problems, unreadable = load_problems(find_problem_files([tmp_path]))
+    assert not unreadable
+    assert [p.num_groups for p in problems.values()] == [2, 3, 1]
+    backends = {"exhaustive": get_backend("exhaustive"), "neal": get_backend("neal")}
+    result = compare(problems, backends, seed=2)
+    for run in result.runs:
+        assert run.feasible and run.success
+        assert run.groups == problems[run.problem].num_groups
+    for name, problem in problems.items():
+        assert result.best[name] == pytest.approx(exact_optimum(problem), abs=1e-9)
+    argv = ["compare", "--problems", str(tmp_path), "--backends", "exhaustive"]
+    assert main([*argv, "--json", str(tmp_path / "c.json")]) == 0
+    assert "3 problems (0 unreadable, skipped; 2 grouped)" in capsys.readouterr().out
+    runs = json.loads((tmp_path / "c.json").read_text())["runs"]
+    assert [r["groups"] for r in runs] == [2, 3, 1]
+
+
+def test_exhaustive_skips_grouped_problems_by_point_count(tmp_path):
+    small = random_problem(32, 2, seed=0, group_size=4)  # 6^8 points, n > 24
+    large = random_problem(40, 2, seed=0, group_size=4)  # 6^10 points
+    result = compare(
+        {"small": small, "large": large}, {"ex": get_backend("exhaustive")}
+    )
+    status = {r.problem: r for r in result.runs}
+    assert status["small"].status == "ok" and status["small"].feasible
+    assert status["large"].status == "skipped"
+    assert "at most 2704156 feasible points, got 60466176" in status["large"].reason
+
+
+def test_harvest_keeps_groups(tmp_path):
+    from icbs_opt.compare import Harvester
+
+    meta = {"layer": "fc", "step": 2, "x_cur": [1, 1, 0, 0, 0, 1, 1, 0]}
+    p = random_problem(8, 2, seed=3, group_size=4)
+    Harvester(tmp_path)(BlockProblem(p.Q, 2, groups=p.groups, meta=meta))
+    q = BlockProblem.load(tmp_path / "step00002_fc.npz")
+    assert q.groups.tolist() == p.groups.tolist() and q.group_counts.tolist() == [2, 2]
+    assert q.meta["x_cur"].tolist() == meta["x_cur"]
+    Harvester(tmp_path)(BlockProblem(p.Q, 4, meta={**meta, "step": 3}))
+    assert not BlockProblem.load(tmp_path / "step00003_fc.npz").is_grouped

@@ -1,5 +1,6 @@
 """The native SA backend: its C core, binding and Python wrapper."""
 
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -339,6 +340,237 @@ def test_forked_child_solves_after_parent_used_threads():
     assert child.exitcode == 0
     x, threads = queue.get(timeout=5)
     assert x == parent.x.tolist() and threads == 1
+
+
+# ---------------------------------------------------------------- grouped
+def brute_force_groups(problem):
+    """The optimum over every x with each group's count (products of subsets)."""
+    members = [np.flatnonzero(problem.groups == g) for g in range(problem.num_groups)]
+    choices = [
+        itertools.combinations(m.tolist(), int(c))
+        for m, c in zip(members, problem.group_counts, strict=True)
+    ]
+    best = np.inf
+    for pick in itertools.product(*choices):
+        x = np.zeros(problem.n)
+        x[[i for ones in pick for i in ones]] = 1
+        best = min(best, float(x @ problem.Q @ x))
+    return best
+
+
+def assert_feasible_per_group(problem, sol):
+    assert sol.x.dtype == np.int8
+    assert problem.count_ones(sol.x).tolist() == problem.group_counts.tolist()
+    assert sol.feasible
+    assert sol.energy == problem.energy(sol.x)
+
+
+def grouped_cases(seed):
+    """N:M, round-robin, unequal and partly fixed groupings of small problems."""
+    rng = np.random.default_rng(seed)
+    Q = rng.standard_normal((14, 14))
+    return [
+        random_problem(8, 2, seed=seed, group_size=4),  # 2:4
+        random_problem(12, 2, seed=seed, group_size=4),
+        random_problem(16, 4, seed=seed, group_size=8),  # 4:8
+        random_problem(12, 1, seed=seed, group_size=3),
+        BlockProblem(Q[:12, :12], 2, groups=np.arange(12) % 3),  # not contiguous
+        BlockProblem(
+            Q, [1, 4, 0, 2], groups=[3, 1, 1, 0, 2, 1, 3, 1, 0, 1, 3, 1, 1, 0]
+        ),
+        BlockProblem(Q[:9, :9], [0, 2, 3], groups=[0, 1, 1, 2, 2, 2, 1, 0, 1]),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouped_exact_optimum_against_brute_force(seed):
+    for case, problem in enumerate(grouped_cases(seed)):
+        best = brute_force_groups(problem)
+        for schedule in ("auto", "fixed"):
+            sol = native(schedule=schedule).solve(problem, seed=seed)
+            assert_feasible_per_group(problem, sol)
+            assert sol.energy == pytest.approx(best, abs=1e-9), (case, schedule)
+
+
+def test_grouped_default_schedule_exact_on_many_small_problems():
+    backend, misses, total = native(), [], 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(4, 13))
+        G = int(rng.integers(2, min(n, 5) + 1))
+        groups = np.concatenate([np.arange(G), rng.integers(0, G, n - G)])
+        rng.shuffle(groups)
+        sizes = np.bincount(groups, minlength=G)
+        counts = [int(rng.integers(0, s + 1)) for s in sizes]
+        problem = BlockProblem(rng.standard_normal((n, n)), counts, groups=groups)
+        total += 1
+        sol = backend.solve(problem, seed=seed)
+        assert_feasible_per_group(problem, sol)
+        if sol.energy > brute_force_groups(problem) + 1e-9:
+            misses.append(seed)
+    assert total == 40 and misses == []
+
+
+@pytest.mark.parametrize(
+    ("n", "group_size", "count"), [(256, 4, 2), (256, 8, 4), (300, 3, 1), (64, 8, 7)]
+)
+def test_grouped_feasible_and_energy_consistent(n, group_size, count):
+    problem = random_problem(n, count, seed=n + group_size, group_size=group_size)
+    sol = native(num_restarts=3).solve(problem, seed=2)
+    assert_feasible_per_group(problem, sol)
+    info = sol.info
+    assert min(info["restart_energies"]) == pytest.approx(sol.energy, rel=1e-12)
+    assert info["num_groups"] == n // group_size
+    assert info["movable_groups"] == n // group_size
+
+
+def test_grouped_same_seed_same_answer_for_any_thread_count():
+    problem = random_problem(600, 2, seed=9, group_size=4)
+    runs = [
+        native(num_restarts=6, num_threads=t).solve(problem, seed=3) for t in (1, 2, 0)
+    ]
+    assert_feasible_per_group(problem, runs[0])
+    for sol in runs[1:]:
+        assert sol.x.tolist() == runs[0].x.tolist()
+        assert sol.info["restart_energies"] == runs[0].info["restart_energies"]
+        assert sol.info["restart_sweeps"] == runs[0].info["restart_sweeps"]
+    again = native(num_restarts=6).solve(problem, seed=3)
+    assert again.x.tolist() == runs[0].x.tolist()
+    other = native(num_restarts=6).solve(problem, seed=4)
+    assert other.info["restart_energies"] != runs[0].info["restart_energies"]
+
+
+def test_grouped_solve_many_matches_solve():
+    problems = [random_problem(64, 2, seed=s, group_size=4) for s in range(3)]
+    problems.append(BlockProblem(np.eye(6), [1, 0, 2], groups=[0, 1, 2, 0, 2, 2]))
+    backend = native(num_restarts=2)
+    batch = backend.solve_many(problems, seeds=[5, 6, 7, 8], workers=2)
+    for problem, seed, sol in zip(problems, [5, 6, 7, 8], batch, strict=True):
+        assert_feasible_per_group(problem, sol)
+        assert sol.x.tolist() == backend.solve(problem, seed=seed).x.tolist()
+
+
+def test_single_group_is_the_ungrouped_problem():
+    # BlockProblem normalises one group to the ungrouped problem: same path, answer.
+    Q = random_problem(40, seed=1).Q
+    one = BlockProblem(Q, 15, groups=np.zeros(40, dtype=int))
+    plain = native(num_restarts=3).solve(BlockProblem(Q, 15), seed=4)
+    sol = native(num_restarts=3).solve(one, seed=4)
+    assert sol.x.tolist() == plain.x.tolist()
+    assert sol.info["restart_energies"] == plain.info["restart_energies"]
+    assert (plain.info["num_groups"], plain.info["movable_groups"]) == (1, 1)
+
+
+def test_grouped_fixed_groups_never_move():
+    problem = BlockProblem(
+        random_problem(9, seed=2).Q, [0, 3, 0], groups=[0, 0, 0, 1, 1, 1, 2, 2, 2]
+    )
+    sol = native().solve(problem, seed=0)
+    assert sol.x.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert sol.info["restart_sweeps"] == [0] * 10
+    assert sol.info["movable_groups"] == 0
+    assert sol.info["restart_energies"] == pytest.approx([sol.energy] * 10, abs=1e-12)
+    # One movable group among fixed ones: only it changes.
+    mixed = BlockProblem(problem.Q, [0, 3, 1], groups=problem.groups)
+    sol = native().solve(mixed, seed=0)
+    assert sol.x[:6].tolist() == [0, 0, 0, 1, 1, 1] and int(sol.x[6:].sum()) == 1
+    assert sol.energy == pytest.approx(brute_force_groups(mixed), abs=1e-12)
+
+
+def test_grouped_warm_start_at_optimum_with_cold_schedule_stays():
+    problem = random_problem(12, 1, seed=4, group_size=3)
+    best = brute_force_groups(problem)
+    opt = native().solve(problem, seed=0)
+    assert opt.energy == pytest.approx(best, abs=1e-12)
+    cold = native(schedule="fixed", beta_min=1e6, beta_max=1e6, num_restarts=4)
+    sol = cold.solve(problem, seed=1, x0=opt.x)
+    assert sol.x.tolist() == opt.x.tolist()
+    assert sol.info["restart_descent_swaps"] == [0] * 4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouped_answer_never_worse_than_warm_start(seed):
+    problem = random_problem(64, 3, seed=seed, group_size=8)
+    x0 = problem.random_feasible(seed=seed)
+    hot = native(schedule="fixed", beta_min=1e-6, beta_max=1e-5, num_restarts=2)
+    sol = hot.solve(problem, seed=seed, x0=x0)
+    assert_feasible_per_group(problem, sol)
+    assert sol.energy <= problem.energy(x0) + 1e-12
+
+
+def test_grouped_warm_start_infeasible_per_group_refused():
+    problem = random_problem(8, 2, seed=0, group_size=4)
+    with pytest.raises(ProblemError, match="x0 must have exactly 2 ones in group 0"):
+        native().solve(problem, x0=[1, 1, 1, 0, 1, 0, 0, 0])
+
+
+def test_grouped_auto_schedule_hits_its_acceptance_target():
+    # 4 groups of 4 with 2 ones: 16 swaps <= AUTO_SAMPLES, so every swap inside a
+    # group is sampled and the acceptance at beta_min can be recomputed exactly.
+    problem = random_problem(16, 2, seed=4, group_size=4)
+    x0 = problem.random_feasible(seed=0)
+    info = native(num_restarts=1).solve(problem, seed=0, x0=x0).info
+    Q, f = problem.Q, problem.Q @ x0
+    d = [
+        Q[i, i] - 2 * f[i] + Q[j, j] + 2 * f[j] - 2 * Q[i, j]
+        for g in range(4)
+        for i in np.flatnonzero((x0 == 1) & (problem.groups == g))
+        for j in np.flatnonzero((x0 == 0) & (problem.groups == g))
+    ]
+    up = np.array([v for v in d if v > 0])
+    acceptance = np.exp(-info["beta_min"] * up).mean()
+    assert acceptance == pytest.approx(native_module.AUTO_ACCEPT, rel=1e-4)
+
+
+def test_grouped_proposals_uniform_over_feasible_swaps():
+    # Q = 0: every swap changes nothing and is accepted, so a restart makes one
+    # sweep, here of one proposal, and ends where that proposal took it. Group 0
+    # (1 of 2: 1 swap) and group 1 (3 of 6: 9 swaps), group 2 fixed: proposals
+    # uniform over the 10 swaps move group 0 once in 10 (uniform over the movable
+    # groups would move it once in 2). 400 seeded runs: about 40 (sd 6).
+    problem = BlockProblem(
+        np.zeros((11, 11)), [1, 3, 3], groups=[0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2]
+    )
+    x0 = np.array([1, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1], np.int8)
+    groups = {
+        "groups": problem.groups.astype(np.int32),
+        "counts": problem.group_counts.astype(np.int64),
+    }
+    moved = 0
+    for seed in range(400):
+        args = {**BINDING_ARGS, "sweep_size": 1, "seed": seed}
+        x, info = _native.solve(problem.Q, problem.k, x0, **groups, **args)
+        assert info["restart_accepted"].tolist() == [1]
+        assert problem.count_ones(x).tolist() == [1, 3, 3]
+        assert x[8:].tolist() == [1, 1, 1]
+        moved += x[0] == 0
+    assert 15 <= moved <= 70
+
+
+def test_binding_checks_group_types():
+    Q = np.eye(4)
+    groups = np.array([0, 0, 1, 1], np.int32)
+    counts = np.array([1, 1], np.int64)
+    x, _ = _native.solve(Q, 2, None, groups=groups, counts=counts, **BINDING_ARGS)
+    assert x[:2].sum() == 1 and x[2:].sum() == 1
+    with pytest.raises(TypeError, match="groups and counts must both be None"):
+        _native.solve(Q, 2, None, groups=groups, **BINDING_ARGS)
+    with pytest.raises(TypeError, match="groups and counts must both be None"):
+        _native.solve(
+            Q, 2, None, groups=groups.astype(np.int64), counts=counts, **BINDING_ARGS
+        )
+    with pytest.raises(TypeError, match="groups and counts must both be None"):
+        _native.solve(Q, 2, None, groups=groups[:3], counts=counts, **BINDING_ARGS)
+    with pytest.raises(TypeError, match="groups and counts must both be None"):
+        _native.solve(Q, 2, None, groups=groups, counts=counts[:0], **BINDING_ARGS)
+    # Values are the core's to refuse (the wrapper never passes such arrays).
+    with pytest.raises(ValueError, match="rejected its arguments"):
+        _native.solve(Q, 2, None, groups=groups + 1, counts=counts, **BINDING_ARGS)
+    with pytest.raises(ValueError, match="rejected its arguments"):
+        _native.solve(Q, 2, None, groups=groups, counts=counts * 3, **BINDING_ARGS)
+    bad_x0 = np.array([1, 1, 0, 0], np.int8)
+    with pytest.raises(ValueError, match="rejected its arguments"):
+        _native.solve(Q, 2, bad_x0, groups=groups, counts=counts, **BINDING_ARGS)
 
 
 # ------------------------------------------------------------- bad input

@@ -286,3 +286,273 @@ def test_ubqp_k_line_must_be_an_integer(tmp_path):
     path.write_text("# k = 1\n2 2\n1 2 1.7e308\n2 1 1.7e308\n")
     with pytest.raises(ProblemError, match="too large for float64"):
         BlockProblem.load(path)
+
+
+# ------------------------------------------------------------ grouped problems
+def grouped_cases():
+    """2:4 on two groups, and unequal sizes and counts on non-contiguous groups."""
+    return [
+        random_problem(8, 2, seed=1, group_size=4),
+        BlockProblem(
+            random_problem(9, seed=2).Q, [1, 3, 0], groups=[2, 0, 1, 1, 0, 1, 0, 1, 1]
+        ),
+    ]
+
+
+def group_penalty(p, x):
+    """sum_g (ones of x in group g - k_g)^2, computed the slow way."""
+    return sum(
+        (int(x[p.groups == g].sum()) - int(p.group_counts[g])) ** 2
+        for g in range(p.num_groups)
+    )
+
+
+def test_grouped_properties_and_repr():
+    p = BlockProblem(np.eye(5), [1, 2], groups=[1, 0, 1, 0, 0])
+    assert p.k == 3 and p.n == 5 and p.is_grouped and p.num_groups == 2
+    assert p.groups.dtype == np.int64 and p.groups.tolist() == [1, 0, 1, 0, 0]
+    assert p.group_counts.dtype == np.int64 and p.group_counts.tolist() == [1, 2]
+    assert [m.tolist() for m in p.group_indices] == [[1, 3, 4], [0, 2]]
+    assert not p.groups.flags.writeable and not p.group_counts.flags.writeable
+    assert repr(p) == "BlockProblem(n=5, k=3, groups=2, group_counts=[1, 2])"
+    many = random_problem(40, 1, seed=0, group_size=4)
+    assert repr(many) == (
+        "BlockProblem(n=40, k=10, groups=10, group_counts=[1, 1, 1, 1, 1, ..., 1])"
+    )
+    every = BlockProblem(np.eye(4), 1, groups=[0, 1, 0, 1])
+    assert every.group_counts.tolist() == [1, 1] and every.k == 2
+
+
+def test_ungrouped_and_single_group_are_the_same():
+    plain = BlockProblem(np.eye(3), 2)
+    assert plain.groups.tolist() == [0, 0, 0] and plain.group_counts.tolist() == [2]
+    assert not plain.is_grouped and plain.num_groups == 1
+    for single in (
+        BlockProblem(np.eye(3), 2, groups=[0, 0, 0]),
+        BlockProblem(np.eye(3), [2], groups=np.zeros(3, dtype=np.int64)),
+    ):
+        assert not single.is_grouped and repr(single) == repr(plain)
+        assert single.k == 2 and single.groups.tolist() == [0, 0, 0]
+    # any problem is rebuilt from its counts and groups
+    for p in [plain, *grouped_cases()]:
+        q = BlockProblem(p.Q, p.group_counts, groups=p.groups)
+        assert repr(q) == repr(p) and np.array_equal(q.groups, p.groups)
+
+
+@pytest.mark.parametrize(
+    ("k", "groups", "match"),
+    [
+        (1, [0, 0, 1], r"shape \(4,\), got shape \(3,\)"),
+        (1, [[0, 0], [1, 1]], r"shape \(4,\), got shape \(2, 2\)"),
+        (1, [0, 0.5, 1, 1], "integer group ids, got 0.5 at index 1"),
+        (1, [0.0, 0.0, 1.0, 1.0], "integer group ids, got 0.0 at index 0"),
+        (1, [True, False, True, False], "integer group ids, got True at index 0"),
+        (1, ["0", "0", "1", "1"], "integer group ids, got '0' at index 0"),
+        (1, [0, None, 1, 1], "integer group ids, got None at index 1"),
+        (1, [0, 0, -1, 1], "ids 0..G-1 with G <= n = 4, got -1 at index 2"),
+        (1, [0, 0, 7, 1], "ids 0..G-1 with G <= n = 4, got 7 at index 2"),
+        (1, [0, 0, 1, 2**70], f"G <= n = 4, got {2**70} at index 3"),
+        (1, [0, 0, 2, 2], "every id 0..2, but id 1 has no variable"),
+        (1, "0011", "groups must be a sequence of n = 4 ids, got '0011'"),
+        (3, [0, 0, 1, 1], r"k for group 0 \(2 variables\) .*\[0, 2\], got 3"),
+        ([1, 3], [0, 0, 1, 1], r"k for group 1 \(2 variables\) .*\[0, 2\], got 3"),
+        ([1, -1], [0, 0, 1, 1], r"k for group 1 .*got -1"),
+        ([1, 1.5], [0, 0, 1, 1], r"k for group 1 .*got 1.5"),
+        ([1, 1, 1], [0, 0, 1, 1], r"one count per group \(2 groups\), got \[1, 1, 1\]"),
+        ([[1], [1]], [0, 0, 1, 1], "one count per group"),
+        ("1", [0, 0, 1, 1], "k must be an integer or one per group, got '1'"),
+        ([1, 1], None, r"k must be an integer in \[0, 4\], got \[1, 1\]"),
+    ],
+)
+def test_grouped_validation_errors(k, groups, match):
+    with pytest.raises(ProblemError, match=match):
+        BlockProblem(np.eye(4), k, groups=groups)
+
+
+def test_grouped_feasibility_counts_and_warm_start_messages():
+    p = random_problem(8, 2, seed=0, group_size=4)
+    assert p.is_feasible([1, 1, 0, 0, 0, 1, 0, 1])
+    assert not p.is_feasible([1, 1, 1, 0, 0, 1, 0, 0])  # right total, wrong groups
+    assert not p.is_feasible([2, 0, 0, 0, 0, 1, 0, 1])
+    assert p.count_ones([1, 1, 1, 0, 0, 1, 0, 0]).tolist() == [3, 1]
+    batch = np.array([[1, 1, 1, 0, 0, 1, 0, 0], [0] * 8])
+    assert p.count_ones(batch).tolist() == [[3, 1], [0, 0]]
+    with pytest.raises(ProblemError, match=r"shape \(8,\) or \(m, 8\), got \(3,\)"):
+        p.count_ones([1, 0, 1])
+    with pytest.raises(
+        ProblemError, match="x0 must have exactly 2 ones in group 0, got 3"
+    ):
+        p.check_feasible([1, 1, 1, 0, 0, 1, 0, 0], "x0")
+    with pytest.raises(ProblemError, match="x0 must have exactly k = 4 ones, got 3"):
+        random_problem(8, seed=0).check_feasible([1, 1, 1, 0, 0, 0, 0, 0], "x0")
+    assert p.check_feasible([-1, 1, 1, -1, -1, 1, -1, 1]).tolist() == [
+        0, 1, 1, 0, 0, 1, 0, 1
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_grouped_bqm_and_ising_match_objective_plus_penalty(case):
+    p = grouped_cases()[case]
+    P = 0.7
+    bqm = p.to_bqm(P)
+    h, J, off = p.to_ising(P)
+    assert bqm.vartype is dimod.BINARY and set(bqm.variables) == set(range(p.n))
+    rng = np.random.default_rng(case)
+    for x in rng.integers(0, 2, size=(200, p.n)):
+        expected = p.energy(x) + P * group_penalty(p, x)
+        assert bqm.energy(dict(enumerate(x.tolist()))) == pytest.approx(expected)
+        s = 2 * x - 1
+        assert h @ s + s @ J @ s + off == pytest.approx(expected)
+
+
+def test_grouped_bqm_is_the_sum_of_dimod_combinations():
+    """The per-group terms equal dimod.generators.combinations, one per group."""
+    p = grouped_cases()[1]
+    P = 1.3
+    expected = dimod.BinaryQuadraticModel(dimod.BINARY)
+    for i in range(p.n):
+        for j in range(p.n):
+            if i == j:
+                expected.add_linear(i, p.Q[i, i])
+            elif i < j:
+                expected.add_quadratic(i, j, 2 * p.Q[i, j])
+    for members, count in zip(p.group_indices, p.group_counts, strict=True):
+        term = dimod.generators.combinations(members.tolist(), int(count), P)
+        expected.update(term)
+    got = p.to_bqm(P)
+    for x in all_points(p.n)[::7]:
+        sample = dict(enumerate(x.tolist()))
+        assert got.energy(sample) == pytest.approx(expected.energy(sample))
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_grouped_default_penalty_ground_state_is_feasible(case):
+    p = grouped_cases()[case]
+    bqm = p.to_bqm()
+    points = all_points(p.n)
+    energies = [bqm.energy(dict(enumerate(x.tolist()))) for x in points]
+    best = points[int(np.argmin(energies))]
+    assert p.is_feasible(best)
+    feasible = [x for x in points if p.is_feasible(x)]
+    assert min(energies) == pytest.approx(min(p.energy(x) for x in feasible))
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_grouped_repair_is_feasible_and_swap_optimal_within_groups(case):
+    p = grouped_cases()[case]
+    rng = np.random.default_rng(case)
+    starts = [np.ones(p.n, int), np.zeros(p.n, int), *rng.integers(0, 2, (8, p.n))]
+    for start in starts:
+        x = p.repair(start)
+        assert x.dtype == np.int8 and p.is_feasible(x)
+        e = p.energy(x)
+        for i in np.flatnonzero(x):
+            for j in np.flatnonzero((x == 0) & (p.groups == p.groups[i])):
+                y = x.copy()
+                y[i], y[j] = 0, 1
+                assert p.energy(y) >= e - 1e-12
+
+
+def test_grouped_repair_leaves_a_feasible_optimum_alone():
+    p = grouped_cases()[0]
+    feasible = [x for x in all_points(p.n) if p.is_feasible(x)]
+    best = min(feasible, key=p.energy)
+    assert p.repair(best).tolist() == best.tolist()
+
+
+def test_random_feasible_per_group_and_unchanged_when_ungrouped():
+    p = grouped_cases()[1]
+    seen = set()
+    for seed in range(60):
+        x = p.random_feasible(seed)
+        assert p.is_feasible(x)
+        seen.add(tuple(x))
+    assert len(seen) > 10  # 3 * 5 = 15 feasible points, uniformly drawn
+    q = random_problem(7, 3, seed=0)
+    expected = np.zeros(7, dtype=np.int8)
+    expected[np.random.default_rng(4).choice(7, 3, replace=False)] = 1
+    assert q.random_feasible(4).tolist() == expected.tolist()
+
+
+def test_grouped_scaled_and_derived_keep_groups():
+    p = grouped_cases()[1]
+    s, scale = p.scaled()
+    assert np.array_equal(s.groups, p.groups)
+    assert np.array_equal(s.group_counts, p.group_counts)
+    x = p.random_feasible(0)
+    assert s.energy(x) == pytest.approx(scale * p.energy(x))
+    d = BlockProblem._derived(p.Q.copy(), p.group_counts, groups=p.groups)
+    assert repr(d) == repr(p)
+    assert not BlockProblem._derived(np.eye(2), 1).is_grouped
+
+
+def test_random_problem_groups():
+    p = random_problem(12, seed=3, group_size=4)
+    assert p.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert p.group_counts.tolist() == [2, 2, 2]
+    assert np.array_equal(p.Q, random_problem(12, seed=3).Q)
+    assert random_problem(12, [0, 1, 4], seed=3, group_size=4).k == 5
+    assert not random_problem(4, 1, seed=0, group_size=4).is_grouped
+    with pytest.raises(
+        ProblemError, match="n = 10 must be a multiple of group_size = 4"
+    ):
+        random_problem(10, seed=0, group_size=4)
+    with pytest.raises(ProblemError, match="group_size must be an integer >= 1, got 0"):
+        random_problem(10, seed=0, group_size=0)
+
+
+def test_grouped_npz_round_trip(tmp_path):
+    p = grouped_cases()[1]
+    p = BlockProblem(p.Q, p.group_counts, groups=p.groups, meta={"layer": "fc"})
+    p.save(tmp_path / "g.npz")
+    with np.load(tmp_path / "g.npz") as data:
+        assert data["k"].tolist() == [1, 3, 0]
+        assert data["groups"].tolist() == p.groups.tolist()
+    q = BlockProblem.load(tmp_path / "g.npz")
+    assert np.array_equal(p.Q, q.Q) and q.k == 4 and q.meta == {"layer": "fc"}
+    assert np.array_equal(q.groups, p.groups)
+    assert np.array_equal(q.group_counts, p.group_counts)
+    assert BlockProblem.load(tmp_path / "g.npz", k=1).group_counts.tolist() == [1] * 3
+    with pytest.raises(ProblemError, match=r"k for group 2 \(1 variable\).*got 3"):
+        BlockProblem.load(tmp_path / "g.npz", k=3)
+    with pytest.raises(ProblemError, match=r"meta keys \['groups'\] clash"):
+        BlockProblem(np.eye(2), 1, meta={"groups": [0, 1]}).save(tmp_path / "m.npz")
+    np.savez(tmp_path / "bad.npz", Q=np.eye(3), k=[1, 1], groups=[0, 2, 2])
+    with pytest.raises(ProblemError, match="bad.npz': groups must use every id"):
+        BlockProblem.load(tmp_path / "bad.npz")
+
+
+def test_ungrouped_npz_has_no_groups_array(tmp_path):
+    random_problem(4, 2, seed=0).save(tmp_path / "u.npz")
+    with np.load(tmp_path / "u.npz") as data:
+        assert sorted(data.files) == ["Q", "k"] and data["k"].ndim == 0
+
+
+def test_grouped_ubqp_round_trip(tmp_path):
+    p = grouped_cases()[1]
+    p.to_ubqp(tmp_path / "g.ubqp")
+    lines = (tmp_path / "g.ubqp").read_text().splitlines()
+    assert lines[0] == "# groups = 2 0 1 1 0 1 0 1 1"
+    assert lines[1] == "# k = 1 3 0" and lines[2].startswith("9 ")
+    q = BlockProblem.load(tmp_path / "g.ubqp")
+    assert np.allclose(p.Q, q.Q, rtol=1e-15) and repr(q) == repr(p)
+    assert np.array_equal(q.groups, p.groups)
+    assert BlockProblem.load(tmp_path / "g.ubqp", k=[0, 1, 1]).k == 2
+
+
+@pytest.mark.parametrize(
+    ("comments", "match"),
+    [
+        ("# k = 1 1\n", r"gives 2 counts \[1, 1\] but there is no '# groups"),
+        ("# groups = 0 0 1\n# k = 1 1\n", r"shape \(4,\), got shape \(3,\)"),
+        ("# groups = 0 x 1 1\n# k = 1\n", r"groups on line 1 .* >= 0, got 'x'"),
+        ("# groups = 0 0 1 1\n# k = 1 3\n", r"k for group 1 \(2 variables\).*got 3"),
+        ("# groups = 0 0 1 1\n", "no '# k = K' line"),
+        ("# groups = 0 0 1 1\n# k =\n", r"k on line 2 .* >= 0, got ''"),
+    ],
+)
+def test_malformed_grouped_ubqp(tmp_path, comments, match):
+    path = tmp_path / "g.ubqp"
+    path.write_text(comments + "4 1\n1 2 1.0\n")
+    with pytest.raises(ProblemError, match=match):
+        BlockProblem.load(path)

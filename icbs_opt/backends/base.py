@@ -159,7 +159,7 @@ class Solution:
     Attributes:
         x: The 0/1 vector (``int8``) of length n.
         energy: ``x^T Q x`` recomputed on the problem.
-        feasible: Whether x has exactly k ones.
+        feasible: Whether x has exactly k ones (in every group: the group's count).
         seconds: Wall time of the solve.
         info: Backend-specific details. Penalty-based backends report
             ``raw_feasible_fraction`` (feasible share of raw samples, before repair).
@@ -271,7 +271,8 @@ class Backend(abc.ABC):
         Args:
             problem: The block problem.
             seed: Seed for every random choice; the same seed gives the same answer.
-            x0: Optional feasible warm start (exactly k ones), e.g. the current mask.
+            x0: Optional feasible warm start (exactly k ones, per group when
+                grouped), e.g. the current mask.
 
         Returns:
             The best answer found, feasible for every built-in backend.
@@ -286,11 +287,7 @@ class Backend(abc.ABC):
         if seed is not None:
             seed = check_seed(seed)
         if x0 is not None:
-            x0 = problem.decode(x0)
-            if int(x0.sum()) != problem.k:
-                raise ProblemError(
-                    f"x0 must have exactly k = {problem.k} ones, got {int(x0.sum())}"
-                )
+            x0 = problem.check_feasible(x0, "x0")
         start = time.perf_counter()
         x, info = self._solve(problem, seed=seed, x0=x0)
         seconds = time.perf_counter() - start

@@ -106,6 +106,15 @@ def _qaoa_options(shots: int, maxiter: int) -> tuple[Option, ...]:
     )
 
 
+def _only_feasible_point(problem: BlockProblem) -> np.ndarray | None:
+    """The feasible x when it is unique (every group has no ones or all ones)."""
+    counts = problem.group_counts
+    full = counts == [members.size for members in problem.group_indices]  # (G,)
+    if not np.all(full | (counts == 0)):
+        return None
+    return full[problem.groups].astype(np.int8)
+
+
 def _bits_from_indices(indices: np.ndarray, n: int) -> np.ndarray:
     """Basis-state indices (qubit 0 most significant) -> ``(m, n)`` 0/1 array."""
     shifts = np.arange(n - 1, -1, -1)
@@ -163,10 +172,12 @@ class _QaoaBackend(Backend):
         final_mean = evaluate(search.angles)  # the optimised angles, sampled once more
         x, repaired = tally.answer()
         logger.info(
-            "%s: n=%d k=%d %s p=%d, %d evaluations, raw feasible %.3f, energy %.6g",
+            "%s: n=%d k=%d groups=%d %s p=%d, %d evaluations, raw feasible %.3f, "
+            "energy %.6g",
             self.name,
             problem.n,
             problem.k,
+            problem.num_groups,
             o["mixer"],
             o["p"],
             search.evaluations + 1,
@@ -208,6 +219,8 @@ def _qaoa_info(
     }
     if ansatz.mixer == "x":
         info["penalty"] = ansatz.penalty
+    if ansatz.problem.is_grouped:
+        info["groups"] = ansatz.problem.num_groups
     return info
 
 
@@ -251,9 +264,10 @@ class BraketLocalBackend(_QaoaBackend):
     def _solve(
         self, problem: BlockProblem, *, seed: int | None, x0: np.ndarray | None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        n, k = problem.n, problem.k
-        if k in (0, n):  # a single feasible point: nothing to sample
-            return np.full(n, 1 if k else 0, dtype=np.int8), {"evaluations": 0}
+        only = _only_feasible_point(problem)
+        if only is not None:  # nothing to sample
+            return only, {"evaluations": 0}
+        n = problem.n
         rng = np.random.default_rng(seed)
         return self._run_qaoa(problem, lambda c: self._sample(c, n, rng), "compact")
 
@@ -464,9 +478,10 @@ class BraketBackend(_QaoaBackend):
     def _solve(
         self, problem: BlockProblem, *, seed: int | None, x0: np.ndarray | None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        n, k = problem.n, problem.k
-        if k in (0, n):  # a single feasible point: spend no tasks on it
-            return np.full(n, 1 if k else 0, dtype=np.int8), {"evaluations": 0}
+        only = _only_feasible_point(problem)
+        if only is not None:  # spend no tasks on it
+            return only, {"evaluations": 0}
+        n = problem.n
         device, gate_set = self._open_device(n)
         task_ids: list[str] = []
         with _thread_tracker() as tracker:

@@ -7,6 +7,15 @@ each from its own seed stream, so the answer depends on ``seed`` but not on
 ``num_threads``. This module owns the validation and conversion; the binding
 ``icbs_opt._native`` only checks types.
 
+Grouped problems (``BlockProblem(..., groups=...)``, e.g. N:M sparsity) are
+annealed with swaps inside a group only (one 1 and one 0 of the same group), so
+every state keeps every group's count; the move test is the same O(1)
+expression. Groups whose count is 0 or their size never move. Proposals are
+uniform over the feasible swaps: a group is drawn with probability proportional
+to ``count * (size - count)`` (its number of swaps; uniform over the movable
+groups when those are equal, as in N:M), then one of its ones and one of its
+zeros. Ungrouped problems take the ungrouped path of the core.
+
 Example:
     >>> from icbs_opt.backends import get_backend
     >>> from icbs_opt.problems import random_problem
@@ -171,6 +180,26 @@ def _seed64(seed: int) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
 
 
+def _group_arrays(problem: BlockProblem) -> dict[str, np.ndarray | None]:
+    """The core's ``groups`` (int32 ids) and ``counts`` (int64), None if ungrouped.
+
+    ``BlockProblem`` guarantees ids ``0..G-1`` with ``0 <= count <= size``.
+    """
+    if not problem.is_grouped:
+        return {"groups": None, "counts": None}
+    return {
+        "groups": np.ascontiguousarray(problem.groups, dtype=np.int32),
+        "counts": np.ascontiguousarray(problem.group_counts, dtype=np.int64),
+    }
+
+
+def _movable_groups(problem: BlockProblem) -> int:
+    """Groups with ``0 < count < size``: those whose swaps the core proposes."""
+    sizes = np.bincount(problem.groups, minlength=problem.group_counts.size)
+    counts = problem.group_counts
+    return int(np.count_nonzero((counts > 0) & (counts < sizes)))
+
+
 class NativeBackend(Backend):
     """Swap-move simulated annealing in C, with restarts in parallel threads.
 
@@ -181,6 +210,9 @@ class NativeBackend(Backend):
     best state it visited and finishes with a swap descent (for each one, the
     best swap with a zero, until no swap lowers the energy). The answer is the
     best restart (lowest energy, ties to the lower restart index).
+
+    Grouped problems swap inside groups only (anneal and descent); proposals
+    are uniform over the feasible swaps (see the module docstring).
 
     ``schedule="auto"`` (the default) derives the range from Q: at the start
     state it takes the energy changes of ``AUTO_SAMPLES`` random swaps (all of
@@ -196,8 +228,9 @@ class NativeBackend(Backend):
     ``num_betas``, ``sweeps_per_beta``, ``sweep_size`` (proposals per sweep),
     ``restart_energies``, ``restart_sweeps``, ``restart_accepted`` (accepted
     swaps), ``restart_descent_swaps``, ``best_restart``, ``num_threads`` (threads
-    that ran), ``openmp`` and ``seed`` (the seed given, or the one drawn for an
-    unseeded run: solving again with it repeats the run).
+    that ran), ``openmp``, ``seed`` (the seed given, or the one drawn for an
+    unseeded run: solving again with it repeats the run), ``num_groups`` (1
+    when ungrouped) and ``movable_groups`` (groups with ``0 < count < size``).
 
     Raises:
         BackendError: For a bad option value (an explicit None means the
@@ -366,6 +399,7 @@ class NativeBackend(Backend):
                 problem.k,
                 None if x0 is None else np.ascontiguousarray(x0, dtype=np.int8),
                 stop=stop,
+                **_group_arrays(problem),
                 **self._core_options(seed64, threads, sweep_size, fixed),
             ),
             stop,
@@ -373,20 +407,29 @@ class NativeBackend(Backend):
         if run["num_threads"] > 1:
             _ForkGuard.pool_started = True
         info = self._info(run, sweep_size, int(seed), bool(native.openmp))
+        info["num_groups"] = problem.num_groups
+        info["movable_groups"] = _movable_groups(problem)
+        self._log_run(problem, run, info["movable_groups"])
+        return x, info
+
+    def _log_run(
+        self, problem: BlockProblem, run: dict[str, Any], movable: int
+    ) -> None:
+        """Log a solve's schedule and best restart at debug level."""
         log.debug(
-            "native SA n=%d k=%d: %s schedule beta %.3g..%.3g (%d betas), best "
-            "restart %d of %d%s",
+            "native SA n=%d k=%d groups=%d: %s schedule beta %.3g..%.3g (%d betas), "
+            "best restart %d of %d%s",
             problem.n,
             problem.k,
-            p["schedule"],
+            problem.num_groups,
+            self._params["schedule"],
             run["beta_min"],
             run["beta_max"],
             run["num_betas"],
             run["best_restart"],
-            p["num_restarts"],
-            " (trivial: k = 0 or k = n)" if problem.k in (0, problem.n) else "",
+            self._params["num_restarts"],
+            " (trivial: a single feasible point)" if movable == 0 else "",
         )
-        return x, info
 
     def _core_options(
         self, seed64: int, threads: int, sweep_size: int, fixed: bool

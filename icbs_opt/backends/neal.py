@@ -39,10 +39,12 @@ def _parse_beta_range(value: Any) -> tuple[float, float]:
 class NealBackend(Backend):
     """dwave-neal's ``SimulatedAnnealingSampler`` on ``problem.to_bqm(penalty)``.
 
-    Every read is decoded and repaired to exactly k ones (greedy, then swap
-    descent); the best repaired read is returned. ``penalty="auto"`` tries the
-    strengths ``AUTO_FRACTIONS`` times the safe bound, weakest first, stops once
-    all reads at a strength come back feasible, and keeps the best repaired answer
+    The BQM carries one penalty per group (one in all when ungrouped). Every
+    read is decoded and repaired to the right count of ones in every group
+    (greedy, then swap descent inside groups); the best repaired read is
+    returned. ``penalty="auto"`` tries the strengths ``AUTO_FRACTIONS`` times the
+    safe bound, weakest first, stops once all reads at a strength come back
+    feasible in every group, and keeps the best repaired answer
     over all strengths. A fixed penalty is used as given.
 
     ``info``: ``penalty`` (strength of the returned answer), ``penalties`` (all
@@ -115,7 +117,8 @@ class NealBackend(Backend):
             order = np.argsort(np.asarray(sampleset.variables))
             samples = sampleset.record.sample[:, order]  # (num_reads, n)
             tried.append(float(strength))
-            ok = samples.sum(axis=1) == problem.k
+            # (num_reads,) whether each raw read has every group's count
+            ok = (problem.count_ones(samples) == problem.group_counts).all(axis=1)
             feasible += int(ok.sum())
             reads += len(samples)
             for raw in samples:

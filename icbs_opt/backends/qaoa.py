@@ -1,14 +1,17 @@
 """QAOA for block problems: Braket circuits, sample bookkeeping and the angle loop.
 
-Two ansaetze for ``min x^T Q x`` subject to ``sum(x) = k``:
+Two ansaetze for ``min x^T Q x`` subject to ``sum(x) = k``, or for a grouped
+problem to ``sum_{i in g} x_i = k_g`` in every group g:
 
 - ``xy``: start in the Dicke state ``|D(n, k)>`` (every x with exactly k ones, in
-  equal superposition) and mix with ``exp(+i beta (XX + YY) / 2)`` on the edges of a
-  ring or of the complete graph. Both conserve the Hamming weight, so every sample
-  is feasible and the cost is the plain ``x^T Q x``.
+  equal superposition), for a grouped problem the product of one ``|D(n_g, k_g)>``
+  per group on that group's qubits, and mix with ``exp(+i beta (XX + YY) / 2)`` on
+  the edges of a ring or of the complete graph (per group, never across groups).
+  Both conserve every group's Hamming weight, so every sample is feasible and the
+  cost is the plain ``x^T Q x``.
 - ``x``: start in ``|+>^n`` and mix with ``exp(+i beta X)`` on every qubit; the cost
-  is the penalised model ``x^T Q x + P (sum(x) - k)^2`` of ``problem.to_bqm(P)``
-  and infeasible samples are repaired.
+  is the penalised model ``x^T Q x + P sum_g (sum_{i in g} x_i - k_g)^2`` of
+  ``problem.to_bqm(P)`` and infeasible samples are repaired (per group).
 
 Layer i applies ``exp(-i gamma_i C)`` then ``exp(-i beta_i B)`` with the mixer
 Hamiltonian ``B = -sum X`` or ``B = -sum (XX + YY) / 2``, whose ground state (or,
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,23 +136,72 @@ def dicke_state(n: int, k: int) -> Circuit:
         raise ValueError(
             f"a Dicke state needs n >= 1 and 0 <= k <= n, got n={n}, k={k}"
         )
-    circ = Circuit()
+    return _append_dicke(Circuit(), list(range(n)), k)
+
+
+def _append_dicke(circ: Circuit, qubits: list[int], k: int) -> Circuit:
+    """Append :func:`dicke_state` ``(len(qubits), k)`` acting on ``qubits``."""
+    n = len(qubits)
     for q in range(n):
         if q >= n - k:
-            circ.x(q)
+            circ.x(qubits[q])
         else:
-            circ.rz(q, 0.0)  # identity; keeps the qubit in the circuit
+            circ.rz(qubits[q], 0.0)  # identity; keeps the qubit in the circuit
     for m in range(n, 1, -1):
-        last = m - 1  # qubit m has index m - 1
+        last = qubits[m - 1]  # qubit m has index m - 1
         for ell in range(1, min(k, m - 1) + 1):
             theta = 2.0 * math.acos(math.sqrt(ell / m))
-            target = last - ell  # qubit m - l
+            target = qubits[m - 1 - ell]  # qubit m - l
             circ.cnot(target, last)
             if ell == 1:
                 _cry(circ, last, target, theta)
             else:
-                _ccry(circ, last, target + 1, target, theta)
+                _ccry(circ, last, qubits[m - ell], target, theta)
             circ.cnot(target, last)
+    return circ
+
+
+def dicke_product(groups: Sequence[Sequence[int]], counts: Sequence[int]) -> Circuit:
+    """Return a circuit preparing one Dicke state per group of qubits.
+
+    Group g gets ``|D(len(groups[g]), counts[g])>`` on its qubits (in the order
+    listed), so the state is the uniform superposition of the bit strings with
+    exactly ``counts[g]`` ones in every group g.
+
+    Args:
+        groups: Disjoint, non-empty lists of qubit indices; together they must be
+            ``0..n-1`` (each once), and need not be contiguous.
+        counts: Ones per group, ``0 <= counts[g] <= len(groups[g])``.
+
+    Returns:
+        The circuit (no measurements), with an instruction on every qubit.
+
+    Raises:
+        ValueError: If the groups do not cover ``0..n-1`` exactly once, or
+            ``counts`` has the wrong length or a count out of range.
+
+    Example:
+        >>> from braket.devices import LocalSimulator
+        >>> circ = dicke_product([[0, 2], [1, 3]], [1, 1]).probability()
+        >>> probs = LocalSimulator().run(circ, shots=0).result().values[0]
+        >>> [format(i, "04b") for i in range(16) if probs[i] > 1e-9]
+        ['0011', '0110', '1001', '1100']
+    """
+    qubits = sorted(int(q) for group in groups for q in group)
+    if qubits != list(range(len(qubits))) or not all(len(g) for g in groups):
+        raise ValueError(
+            "groups must be non-empty and hold each qubit 0..n-1 exactly once, "
+            f"got {[list(g) for g in groups]}"
+        )
+    if len(counts) != len(groups):
+        raise ValueError(
+            f"counts must have one entry per group ({len(groups)}), got {len(counts)}"
+        )
+    circ = Circuit()
+    for g, (group, k) in enumerate(zip(groups, counts, strict=True)):
+        if not 0 <= k <= len(group):
+            raise ValueError(f"count of group {g} must be in 0..{len(group)}, got {k}")
+        _append_dicke(circ, [int(q) for q in group], int(k))
     return circ
 
 
@@ -159,14 +211,39 @@ def mixer_edges(n: int, graph: str) -> list[tuple[int, int]]:
     The ring lists even edges ``(0,1), (2,3), ...`` before odd ones, so that each
     half is one layer of disjoint pairs.
     """
+    _check_graph(graph)
     if graph == "complete":
         return [(i, j) for i in range(n) for j in range(i + 1, n)]
-    if graph != "ring":
-        raise ValueError(f"mixer graph must be 'ring' or 'complete', got {graph!r}")
     if n < 3:
         return [(0, 1)] if n == 2 else []
     edges = [(i, (i + 1) % n) for i in range(n)]
     return edges[0::2] + edges[1::2]
+
+
+def _check_graph(graph: str) -> None:
+    """Raise ValueError naming ``graph`` unless it is ``"ring"`` or ``"complete"``."""
+    if graph not in ("ring", "complete"):
+        raise ValueError(f"mixer graph must be 'ring' or 'complete', got {graph!r}")
+
+
+def group_mixer_edges(
+    groups: Sequence[Sequence[int]], graph: str
+) -> list[tuple[int, int]]:
+    """Edges of the XY mixer inside each group of qubits, none across groups.
+
+    Each group gets :func:`mixer_edges` of its size, mapped to its qubits (in the
+    order listed); a group of one qubit gets none.
+
+    Example:
+        >>> group_mixer_edges([[0, 2, 4], [1, 3], [5]], "ring")
+        [(0, 2), (4, 0), (2, 4), (1, 3)]
+    """
+    _check_graph(graph)
+    edges: list[tuple[int, int]] = []
+    for group in groups:
+        qs = [int(q) for q in group]
+        edges += [(qs[a], qs[b]) for a, b in mixer_edges(len(qs), graph)]
+    return edges
 
 
 def cost_layer(
@@ -216,11 +293,40 @@ def gate_counts(circ: Circuit) -> dict[str, int]:
     return counts
 
 
+def problem_groups(problem: BlockProblem) -> tuple[list[list[int]], list[int]]:
+    """The qubits of each group of ``problem`` and each group's count of ones.
+
+    An ungrouped problem is one group of all n qubits with count k.
+
+    Example:
+        >>> problem_groups(BlockProblem([[0.0, 0.0], [0.0, 0.0]], 1))
+        ([[0, 1]], [1])
+    """
+    qubits = [members.tolist() for members in problem.group_indices]
+    return qubits, problem.group_counts.tolist()
+
+
+def _mixer_edges(problem: BlockProblem, graph: str) -> list[tuple[int, int]]:
+    """XY mixer edges of ``problem``: inside the groups that can move.
+
+    A group with no ones or all ones gets no edges: its qubits stay in a basis
+    state that the XY hop leaves unchanged. (An ungrouped problem keeps all its
+    edges.)
+    """
+    if not problem.is_grouped:
+        return mixer_edges(problem.n, graph)
+    groups, counts = problem_groups(problem)
+    movable = [g for g, k in zip(groups, counts, strict=True) if 0 < k < len(g)]
+    return group_mixer_edges(movable, graph)
+
+
 class Ansatz:
     """The QAOA circuit family of one block problem.
 
     The Ising coefficients are divided by their largest magnitude (``scale``) so
-    that angles of order one mean the same for every problem.
+    that angles of order one mean the same for every problem. For a grouped
+    problem the ``xy`` ansatz starts in one Dicke state per group and hops only
+    inside groups (:func:`dicke_product`, :func:`group_mixer_edges`).
 
     Args:
         problem: The block problem.
@@ -255,13 +361,12 @@ class Ansatz:
         scale = float(max(np.abs(h).max(), np.abs(J).max(initial=0.0)))
         self.scale = scale if scale > 0 else 1.0
         self._h, self._J = h / self.scale, J / self.scale
-        n = problem.n
-        self._edges = mixer_edges(n, graph) if mixer == "xy" else []
+        self._edges = _mixer_edges(problem, graph) if mixer == "xy" else []
         if mixer == "xy":
-            self._prefix = dicke_state(n, problem.k)
+            self._prefix = dicke_product(*problem_groups(problem))
         else:
             self._prefix = Circuit()
-            for q in range(n):
+            for q in range(problem.n):
                 self._prefix.h(q)
 
     def circuit(self, angles: np.ndarray) -> Circuit:
@@ -292,9 +397,10 @@ class SampleTally:
     """Keeps the objective's mean and the best answers over all evaluations.
 
     ``xy`` samples are all feasible and scored by ``x^T Q x``. ``x`` samples are
-    scored by the penalised energy; the best raw feasible one is kept, and the
-    ``REPAIR_POOL`` distinct infeasible samples with the lowest penalised energy
-    are repaired (``problem.repair``) by :meth:`answer`.
+    scored by the penalised energy (a penalty per group for a grouped problem);
+    the best raw feasible one is kept, and the ``REPAIR_POOL`` distinct
+    infeasible samples with the lowest penalised energy are repaired
+    (``problem.repair``, per group) by :meth:`answer`.
 
     Args:
         problem: The block problem.
@@ -308,14 +414,19 @@ class SampleTally:
         self.best_raw_energy = math.inf
         self._pool: dict[bytes, float] = {}
 
+    def violation(self, bits: np.ndarray) -> np.ndarray:
+        """``sum_g (ones in group g - k_g)^2`` of each row of ``bits`` ``(m, n)``."""
+        ones = self.problem.count_ones(bits)  # (m, G)
+        return ((ones - self.problem.group_counts) ** 2).sum(axis=1)
+
     def add(self, bits: np.ndarray) -> float:
         """Record one evaluation's samples ``(shots, n)``; return the mean objective."""
         unique, counts = np.unique(bits.astype(np.int8), axis=0, return_counts=True)
         X = unique.astype(np.float64)
         energies = np.einsum("mi,mi->m", X @ self.problem.Q, X)  # (m,) x^T Q x
-        ones = unique.sum(axis=1)
-        feasible = ones == self.problem.k
-        objective = energies + self.penalty * (ones - self.problem.k) ** 2.0
+        violation = self.violation(unique)
+        feasible = violation == 0
+        objective = energies + self.penalty * violation.astype(np.float64)
         self.shots += int(counts.sum())
         self.feasible_shots += int(counts[feasible].sum())
         if feasible.any():

@@ -48,7 +48,11 @@ from icbs_opt.tasks import TaskSpec, task_names, task_spec
 
 #: Settings flags of `prune`: (flag, PruneConfig or RunSettings field, keywords).
 SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("--density", "density", {"type": float, "help": "fraction of weights kept"}),
+    ("--density", "density", {"type": float, "help": "fraction of weights kept "
+                              "(with --pattern N:M: N/M unless given)"}),
+    ("--pattern", "pattern", {"metavar": "N:M", "help": "unstructured, or N:M "
+                              "(e.g. 2:4): keep N of every M consecutive weights "
+                              "of a row; sets --density to N/M"}),
     ("--steps", "steps", {"type": int, "help": "steps; a step is one forward/"
                           "backward pass feeding --blocks-per-step blocks"}),
     ("--blocks-per-step", "blocks_per_step", {"type": int, "help": "blocks one "
@@ -76,7 +80,8 @@ SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
                                         "outputs on the dense model's inputs "
                                         "(dense) or the pruned model's (current)"}),
     ("--block-size", "block_size", {"type": int, "help": "weights per block, n"}),
-    ("--k", "k", {"type": int, "help": "pruned weights per block (n // 2 if unset)"}),
+    ("--k", "k", {"type": int, "help": "pruned weights per block (n // 2 if "
+                  "unset; with --pattern N:M it is n (M-N)/M)"}),
     ("--init", "init", {"help": "initial mask: magnitude, wanda, gradient, random; "
                         "the first three also *_per_output, *_per_input; or "
                         "sparsegpt (mask and updated weights)"}),
@@ -312,8 +317,9 @@ def _resume_plan(args: argparse.Namespace, outputs: dict[str, str]) -> PrunePlan
     """The plan of the checkpoint in ``--resume``; a changed setting is refused."""
     saved = read_checkpoint_settings(args.resume)
     spec = task_spec(saved["task"])
-    preset = Preset(PruneConfig(**saved["config"]), RunSettings(**saved["run"]))
-    preset = preset.replace(**_given_settings(args))
+    base = Preset(PruneConfig(**saved["config"]), RunSettings(**saved["run"]))
+    saved.update(base.to_dict())  # fields added since it was written: defaults
+    preset = base.replace(**_given_settings(args))
     outputs = {**saved["outputs"], **outputs}
     checkpoint = _checkpoint_path(outputs, preset)
     options = spec.make_options(
@@ -531,6 +537,7 @@ def _finish(
     return {
         "task": task.name,
         "density": config.density,
+        "pattern": config.pattern,
         "backend": plan.backend.name,
         "seed": config.seed,
         "metric": task.metric,
@@ -578,8 +585,9 @@ def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
 
 
 def _print_prune_table(s: dict[str, Any]) -> None:
+    pattern = f" ({s['pattern']})" if s["pattern"] != "unstructured" else ""
     print(
-        f"{s['task']}: density {s['density']:g}, backend {s['backend']}, "
+        f"{s['task']}: density {s['density']:g}{pattern}, backend {s['backend']}, "
         f"seed {s['seed']}"
     )
     print(f"{'':>6}  {s['metric']:>11}  {'loss':>9}  {'density':>8}  {'seconds':>8}")
@@ -744,7 +752,7 @@ def _evaluate_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from icbs_opt.checks import check_int
-    from icbs_opt.pruning import nonzero_density
+    from icbs_opt.pruning import nonzero_density, sparsity_pattern
 
     if args.threads is not None:
         check_int(args.threads, "--threads", minimum=1, error=PruningError)
@@ -764,6 +772,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         task.metric: scores["metric"],
         "loss": scores["loss"],
         "density": nonzero_density(task.model, task.layers),
+        "pattern": sparsity_pattern(task.model, task.layers),
         "layers": len(task.layers),
         "info": task.info,
     }
@@ -772,7 +781,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json != "-":
         print(
             f"{name}: {task.metric} {scores['metric']:.4f}, loss "
-            f"{scores['loss']:.4f}, density {result['density']:.4f} over "
-            f"{len(task.layers)} prunable layers"
+            f"{scores['loss']:.4f}, density {result['density']:.4f} "
+            f"({result['pattern']}) over {len(task.layers)} prunable layers"
         )
     return 0

@@ -69,10 +69,18 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def add_solve(sub: argparse._SubParsersAction) -> None:
     """Add the ``solve`` command."""
     p = sub.add_parser("solve", help="solve one block problem file (.npz or UBQP text)")
-    p.add_argument("file", help="problem file: .npz (arrays Q, k) or UBQP text")
+    p.add_argument(
+        "file",
+        help="problem file: .npz (arrays Q, k and, when grouped, groups) or UBQP text",
+    )
     p.add_argument("--backend", default="native", help="backend name (default native)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--k", type=int, default=None, help="override the file's k")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="override the file's k (for a grouped problem: the count in every group)",
+    )
     add_backend_option_flag(p)
     add_json_flag(p, "the answer")
     p.set_defaults(func=_cmd_solve)
@@ -85,12 +93,22 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     backend = get_backend(args.backend, **options)
     sol = backend.solve(problem, seed=args.seed)
     if args.json:
-        record = {"backend": args.backend, "n": problem.n, "k": problem.k}
+        record: dict[str, Any] = {
+            "backend": args.backend,
+            "n": problem.n,
+            "k": problem.k,
+        }
+        if problem.is_grouped:  # ungrouped answers keep their keys
+            record.update(
+                groups=problem.num_groups,
+                group_counts=problem.group_counts.tolist(),
+            )
         write_json(args.json, {**record, **sol.to_dict()})
         if args.json == "-":
             return 0
+    grouped = f" in {problem.num_groups} groups" if problem.is_grouped else ""
     print(
-        f"backend {args.backend}: n = {problem.n}, k = {problem.k}, "
+        f"backend {args.backend}: n = {problem.n}, k = {problem.k}{grouped}, "
         f"energy = {sol.energy:.10g}, feasible = {sol.feasible}, "
         f"{sol.seconds:.4f} s"
     )
@@ -254,9 +272,11 @@ def _compare_backends(spec: str, items: list[str] | None) -> dict[str, Backend]:
 
 def _print_comparison(result: Any, repeats: int) -> None:
     """The per-backend table of ``compare``."""
+    grouped = {r.problem for r in result.runs if r.groups > 1}
     print(
         f"{len(result.problems)} problems ({len(result.unreadable)} unreadable, "
-        f"skipped), {repeats} repeat(s) per backend"
+        f"skipped{f'; {len(grouped)} grouped' if grouped else ''}), "
+        f"{repeats} repeat(s) per backend"
     )
     header = (
         "backend",

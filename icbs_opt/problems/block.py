@@ -1,16 +1,20 @@
-"""The block subproblem of iCBS: ``min x^T Q x`` subject to ``sum(x) = k``."""
+"""The block subproblem of iCBS: ``min x^T Q x`` subject to ``sum(x) = k``.
+
+With groups (N:M sparsity) the constraint is one count per group:
+``sum_{i in g} x_i = k_g`` for every group ``g``.
+"""
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icbs_opt.atomic import atomic_write
-from icbs_opt.checks import check_int
+from icbs_opt.checks import check_int, is_integer
 from icbs_opt.errors import ProblemError
 
 if TYPE_CHECKING:
@@ -54,23 +58,121 @@ def _symmetric_matrix(Q: Any) -> np.ndarray:
     return Q
 
 
+def _check_groups(groups: Any, n: int) -> np.ndarray:
+    """``groups`` as a new ``(n,)`` int64 array of ids ``0 .. G-1``, all used."""
+    if isinstance(groups, str):
+        raise ProblemError(f"groups must be a sequence of n = {n} ids, got {groups!r}")
+    try:
+        arr = np.asarray(groups)
+    except (TypeError, ValueError) as exc:  # ragged nested sequences
+        raise ProblemError(f"groups must be a sequence of n = {n} ids: {exc}") from exc
+    if arr.shape != (n,):
+        raise ProblemError(
+            f"groups must hold one group id per variable, shape ({n},), "
+            f"got shape {arr.shape}"
+        )
+    values = arr.tolist()
+    # bools and integral floats are refused; huge ints (an object array) pass here
+    bad = [i for i, v in enumerate(values) if not is_integer(v)]
+    if bad:
+        # show a fractional id when there is one: it is the likelier mistake
+        fractional = (i for i in bad if isinstance(values[i], float))
+        i = next((i for i in fractional if not values[i].is_integer()), bad[0])
+        raise ProblemError(
+            f"groups must hold integer group ids, got {values[i]!r} at index {i}"
+        )
+    bad = np.flatnonzero((arr < 0) | (arr >= n))  # ids >= n leave some id unused
+    if bad.size:
+        i = int(bad[0])
+        raise ProblemError(
+            f"groups must hold ids 0..G-1 with G <= n = {n}, got {arr[i]} at index {i}"
+        )
+    arr = arr.astype(np.int64)
+    unused = np.flatnonzero(np.bincount(arr) == 0)
+    if unused.size:
+        raise ProblemError(
+            f"groups must use every id 0..{int(arr.max())}, but id {unused[0]} has "
+            "no variable"
+        )
+    return arr
+
+
+def _check_counts(k: Any, sizes: np.ndarray) -> np.ndarray:
+    """The ones per group, ``(G,)`` int64, from one count for all or one per group."""
+    if isinstance(k, str):  # check_int parses strings; a problem takes numbers
+        raise ProblemError(f"k must be an integer or one per group, got {k!r}")
+    try:
+        ndim = np.ndim(k)
+    except ValueError:  # a ragged nested sequence
+        ndim = -1
+    if ndim == 0:
+        values = [k] * sizes.size
+    elif ndim == 1 and len(k) == sizes.size:
+        values = list(k)
+    else:
+        raise ProblemError(
+            f"k must be one integer or one count per group ({sizes.size} groups), "
+            f"got {k!r}"
+        )
+    return np.array(
+        [
+            check_int(
+                value,
+                f"k for group {g} ({size} variable{'s' if size != 1 else ''})",
+                minimum=0,
+                maximum=int(size),
+                error=ProblemError,
+            )
+            for g, (value, size) in enumerate(zip(values, sizes, strict=True))
+        ],
+        dtype=np.int64,
+    )
+
+
+def _check_constraints(k: Any, groups: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group ids ``(n,)`` and counts ``(G,)``; an ungrouped problem is one group."""
+    if groups is None:
+        if isinstance(k, str):  # check_int parses strings; a problem takes numbers
+            raise ProblemError(f"k must be an integer, got {k!r}")
+        k = check_int(k, "k", minimum=0, maximum=n, error=ProblemError)
+        return np.zeros(n, dtype=np.int64), np.array([k], dtype=np.int64)
+    groups = _check_groups(groups, n)
+    return groups, _check_counts(k, np.bincount(groups))
+
+
+def _short(values: np.ndarray, limit: int = 6) -> str:
+    """``[a, b, c]``, or ``[a, b, c, ..., z]`` for more than ``limit`` values."""
+    items = [str(v) for v in values.tolist()]
+    if len(items) > limit:
+        items = [*items[: limit - 1], "...", items[-1]]
+    return f"[{', '.join(items)}]"
+
+
 class BlockProblem:
-    """A cardinality-constrained binary quadratic problem.
+    """A cardinality-constrained binary quadratic problem, optionally grouped.
 
     ``x_i = 1`` means weight ``i`` of the block is pruned. The objective is
     ``x^T Q x`` with ``Q`` symmetric (a non-symmetric input is replaced by
-    ``(Q + Q^T) / 2``, which leaves every energy unchanged); a feasible ``x`` has
-    exactly ``k`` ones.
+    ``(Q + Q^T) / 2``, which leaves every energy unchanged). Without ``groups`` a
+    feasible ``x`` has exactly ``k`` ones. With ``groups`` (N:M sparsity), each
+    variable belongs to a group and a feasible ``x`` has exactly ``k_g`` ones in
+    every group ``g``.
 
     Args:
         Q: Square, finite ``(n, n)`` matrix, ``n >= 1``.
-        k: Number of ones, ``0 <= k <= n``.
+        k: Without groups: the number of ones, ``0 <= k <= n``. With groups: one
+            count for every group, or a sequence of ``G`` counts (``k[g]`` ones in
+            group ``g``), each between 0 and the size of its group.
+        groups: Optional group id per variable, ``n`` integers using every id
+            ``0 .. G-1`` (groups need not be contiguous). A single group (``G = 1``)
+            is the ungrouped problem.
         meta: Optional extra information kept with the problem and written to
             ``.npz`` files (numbers, strings or arrays), e.g. the layer it came from.
 
     Raises:
         ProblemError: If ``Q`` is not square and finite, so large that energies
-            would overflow float64, or ``k`` is not an integer in ``[0, n]``.
+            would overflow float64, ``groups`` is not a valid id per variable, or
+            a count is not an integer in ``[0, size of its group]``.
 
     Example:
         >>> p = BlockProblem([[1.0, -2.0], [-2.0, 1.0]], k=1)
@@ -78,29 +180,60 @@ class BlockProblem:
         1.0
         >>> p.is_feasible([1, 1])
         False
+        >>> g = BlockProblem(np.eye(4), k=[1, 2], groups=[0, 1, 0, 1])
+        >>> g.k, g.group_counts.tolist(), g.is_feasible([1, 1, 0, 1])
+        (3, [1, 2], True)
     """
 
-    __slots__ = ("_Q", "_k", "_meta")
+    __slots__ = ("_Q", "_k", "_groups", "_counts", "_members", "_meta")
 
-    def __init__(self, Q: Any, k: int, *, meta: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        Q: Any,
+        k: int | Sequence[int] | np.ndarray,
+        *,
+        groups: Sequence[int] | np.ndarray | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ):
         Q = _symmetric_matrix(Q)
-        if isinstance(k, str):  # check_int parses strings; a problem takes numbers
-            raise ProblemError(f"k must be an integer, got {k!r}")
-        k = check_int(k, "k", minimum=0, maximum=Q.shape[0], error=ProblemError)
+        groups, counts = _check_constraints(k, groups, Q.shape[0])
         Q.flags.writeable = False
         self._Q = Q
-        self._k = k
+        self._set_constraints(groups, counts)
         self._meta = dict(meta or {})
 
     @classmethod
     def _derived(
-        cls, Q: np.ndarray, k: int, meta: Mapping[str, Any] | None = None
+        cls,
+        Q: np.ndarray,
+        k: int | np.ndarray,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        groups: np.ndarray | None = None,
     ) -> BlockProblem:
-        """A problem made from a valid one's symmetric, finite float64 Q (no checks)."""
+        """A problem from a valid one's symmetric, finite float64 Q (no checks).
+
+        ``k`` and ``groups`` are a valid problem's: an int and ``None``, or its
+        ``group_counts`` and ``groups``.
+        """
         problem = cls.__new__(cls)
         Q.flags.writeable = False
-        problem._Q, problem._k, problem._meta = Q, k, dict(meta or {})
+        problem._Q, problem._meta = Q, dict(meta or {})
+        if groups is None:
+            groups = np.zeros(Q.shape[0], dtype=np.int64)
+        problem._set_constraints(
+            np.asarray(groups, dtype=np.int64), np.atleast_1d(np.asarray(k, np.int64))
+        )
         return problem
+
+    def _set_constraints(self, groups: np.ndarray, counts: np.ndarray) -> None:
+        """Store the checked ids and counts, read-only, with each group's members."""
+        order = np.argsort(groups, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(groups))[:-1])
+        for arr in (groups, counts, *members):
+            arr.flags.writeable = False
+        self._groups, self._counts, self._members = groups, counts, tuple(members)
+        self._k = int(counts.sum())
 
     # ------------------------------------------------------------------ basics
     @property
@@ -110,7 +243,7 @@ class BlockProblem:
 
     @property
     def k(self) -> int:
-        """The required number of ones."""
+        """The total number of ones of a feasible x (the sum of the group counts)."""
         return self._k
 
     @property
@@ -119,12 +252,42 @@ class BlockProblem:
         return self._Q.shape[0]
 
     @property
+    def groups(self) -> np.ndarray:
+        """The ``(n,)`` int64 group id per variable (read-only; zeros if ungrouped)."""
+        return self._groups
+
+    @property
+    def group_counts(self) -> np.ndarray:
+        """The ``(G,)`` int64 ones per group (read-only; ``[k]`` if ungrouped)."""
+        return self._counts
+
+    @property
+    def num_groups(self) -> int:
+        """The number of groups ``G`` (1 when ungrouped)."""
+        return self._counts.size
+
+    @property
+    def group_indices(self) -> tuple[np.ndarray, ...]:
+        """The variables of each group, ascending int64 arrays (read-only)."""
+        return self._members
+
+    @property
+    def is_grouped(self) -> bool:
+        """Whether the problem has more than one group."""
+        return self._counts.size > 1
+
+    @property
     def meta(self) -> dict[str, Any]:
         """Extra information stored with the problem (a copy)."""
         return dict(self._meta)
 
     def __repr__(self) -> str:
-        return f"BlockProblem(n={self.n}, k={self.k})"
+        if not self.is_grouped:
+            return f"BlockProblem(n={self.n}, k={self.k})"
+        return (
+            f"BlockProblem(n={self.n}, k={self.k}, groups={self.num_groups}, "
+            f"group_counts={_short(self._counts)})"
+        )
 
     def _as_x(self, x: Any) -> np.ndarray:
         arr = np.asarray(x)
@@ -139,17 +302,69 @@ class BlockProblem:
         xf = self._as_x(x)
         return float(xf @ self._Q @ xf)
 
+    def count_ones(self, x: Any) -> np.ndarray:
+        """The number of ones in each group of ``x``.
+
+        Args:
+            x: A 0/1 vector ``(n,)`` or a batch of them ``(m, n)``.
+
+        Returns:
+            ``(G,)`` int64 counts, or ``(m, G)`` for a batch.
+
+        Example:
+            >>> p = BlockProblem(np.eye(4), k=1, groups=[0, 0, 1, 1])
+            >>> p.count_ones([[1, 1, 0, 1], [0, 0, 0, 1]]).tolist()
+            [[2, 1], [0, 1]]
+        """
+        arr = np.asarray(x)
+        if arr.ndim not in (1, 2) or arr.shape[-1] != self.n:
+            raise ProblemError(
+                f"x must have shape ({self.n},) or (m, {self.n}), got {arr.shape}"
+            )
+        rows = arr.reshape(-1, self.n)
+        G = self.num_groups
+        bins = (np.arange(rows.shape[0])[:, None] * G + self._groups).ravel()
+        counts = np.bincount(bins, weights=rows.ravel(), minlength=rows.shape[0] * G)
+        return np.rint(counts).astype(np.int64).reshape(arr.shape[:-1] + (G,))
+
     def is_feasible(self, x: Any) -> bool:
-        """Return whether ``x`` is a 0/1 vector of length ``n`` with exactly k ones."""
+        """Whether ``x`` is 0/1 of length ``n`` with the right ones in every group."""
         arr = np.asarray(x)
         if arr.shape != (self.n,):
             raise ProblemError(f"x must have shape ({self.n},), got {arr.shape}")
-        return bool(np.isin(arr, (0, 1)).all() and int(arr.sum()) == self._k)
+        return bool(
+            np.isin(arr, (0, 1)).all()
+            and np.array_equal(self.count_ones(arr), self._counts)
+        )
+
+    def check_feasible(self, x: Any, name: str = "x") -> np.ndarray:
+        """Return ``x`` decoded to 0/1, or raise saying which count is wrong.
+
+        Raises:
+            ProblemError: ``"x0 must have exactly k = 2 ones, got 3"``, or for a
+                grouped problem ``"x0 must have exactly 2 ones in group 1, got 3"``.
+        """
+        arr = self.decode(x)
+        ones = self.count_ones(arr)
+        wrong = np.flatnonzero(ones != self._counts)
+        if wrong.size and not self.is_grouped:
+            raise ProblemError(
+                f"{name} must have exactly k = {self.k} ones, got {int(ones[0])}"
+            )
+        if wrong.size:
+            g = int(wrong[0])
+            raise ProblemError(
+                f"{name} must have exactly {self._counts[g]} ones in group {g}, "
+                f"got {ones[g]}"
+            )
+        return arr
 
     def random_feasible(self, seed: int | None = None) -> np.ndarray:
-        """Return a uniformly random 0/1 vector with exactly k ones."""
+        """Return a random feasible 0/1 vector, uniform within each group."""
+        rng = np.random.default_rng(seed)
         x = np.zeros(self.n, dtype=np.int8)
-        x[np.random.default_rng(seed).choice(self.n, self._k, replace=False)] = 1
+        for members, count in zip(self._members, self._counts, strict=True):
+            x[members[rng.choice(members.size, count, replace=False)]] = 1
         return x
 
     # ----------------------------------------------------------- penalty forms
@@ -165,26 +380,36 @@ class BlockProblem:
         """The cardinality penalty strength used when none is given.
 
         With ``P > max_flip_delta()``, every infeasible x has a neighbour one flip
-        closer to ``sum(x) = k`` with lower penalised energy, so every ground state
-        of the penalised model is feasible. This safe strength flattens the
-        landscape for heuristic samplers; backends search smaller strengths first.
+        closer to its group's count with lower penalised energy (the penalty drops
+        by at least P), so every ground state of the penalised model is feasible.
+        This safe strength flattens the landscape for heuristic samplers; backends
+        search smaller strengths first.
         """
         return 1.01 * self.max_flip_delta() or 1.0
 
     def _penalised_terms(
         self, penalty: float | None
     ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Linear terms, strictly upper quadratic terms and offset (binary)."""
+        """Linear terms, strictly upper quadratic terms and offset (binary).
+
+        ``P (sum_{i in g} x_i - k_g)^2`` expands, with ``x_i^2 = x_i``, into
+        ``P (1 - 2 k_g)`` per variable, ``2 P`` per pair inside the group and
+        ``P k_g^2``.
+        """
         P = self.default_penalty() if penalty is None else float(penalty)
         if not np.isfinite(P) or P < 0:
             raise ProblemError(f"penalty must be a finite number >= 0, got {penalty}")
-        k = self._k
-        linear = np.diag(self._Q) + P * (1 - 2 * k)
-        quad = np.triu(2.0 * self._Q + 2.0 * P, 1)
-        return linear, quad, P * k * k
+        k_of = self._counts[self._groups].astype(np.float64)  # (n,) k_g of each i
+        linear = np.diag(self._Q) + P * (1 - 2 * k_of)
+        same = self._groups[:, None] == self._groups[None, :]  # (n, n) same group
+        quad = np.triu(2.0 * self._Q + 2.0 * P * same, 1)
+        return linear, quad, float((P * self._counts * self._counts).sum())
 
     def to_bqm(self, penalty: float | None = None) -> dimod.BinaryQuadraticModel:
-        """Return the binary BQM ``x^T Q x + penalty * (sum(x) - k)^2``.
+        """Return the BQM ``x^T Q x + penalty * sum_g (sum_{i in g} x_i - k_g)^2``.
+
+        Ungrouped, the sum has the one term ``(sum(x) - k)^2``. Each term is the
+        ``dimod.generators.combinations`` penalty of its group, built directly.
 
         Args:
             penalty: Strength of the cardinality penalty; ``None`` takes
@@ -244,41 +469,97 @@ class BlockProblem:
     def repair(self, x: Any, *, max_swaps: int | None = None) -> np.ndarray:
         """Return a feasible vector close to ``x`` with energy no worse than greedy.
 
-        First flips greedily (the cheapest removal or addition each time) until x
-        has exactly k ones, then applies best-improvement swaps (one ``1 -> 0`` and
-        one ``0 -> 1``) until none lowers the energy or ``max_swaps`` (default n)
-        swaps were made.
+        First, group by group, flips greedily (the cheapest removal or addition
+        each time) until the group has its count of ones; then applies
+        best-improvement swaps (one ``1 -> 0`` and one ``0 -> 1`` of the same
+        group, so every count is kept) until none lowers the energy or
+        ``max_swaps`` (default n) swaps were made.
         """
-        x = self.decode(x).astype(np.int8)
+        x = self.decode(x)
+        field = self._Q @ x.astype(np.float64)  # (n,) local fields Q x
+        for members, count in zip(self._members, self._counts, strict=True):
+            self._greedy_count(x, field, members, int(count))
+        self._swap_descent(x, field, self.n if max_swaps is None else max_swaps)
+        return x
+
+    def _greedy_count(
+        self, x: np.ndarray, field: np.ndarray, members: np.ndarray, count: int
+    ) -> None:
+        """Flip the cheapest bits of ``members`` until they hold ``count`` ones.
+
+        Updates ``x`` and its local fields ``field`` in place.
+        """
         Q, d = self._Q, np.diag(self._Q)
-        field = Q @ x.astype(np.float64)  # (n,) local fields Q x
-        while int(x.sum()) > self._k:
-            ones = np.flatnonzero(x)
+        while int(x[members].sum()) > count:
+            ones = members[x[members] == 1]
             i = ones[np.argmin(d[ones] - 2.0 * field[ones])]
             x[i] = 0
             field -= Q[:, i]
-        while int(x.sum()) < self._k:
-            zeros = np.flatnonzero(x == 0)
+        while int(x[members].sum()) < count:
+            zeros = members[x[members] == 0]
             j = zeros[np.argmin(d[zeros] + 2.0 * field[zeros])]
             x[j] = 1
             field += Q[:, j]
+
+    def _swap_descent(self, x: np.ndarray, field: np.ndarray, max_swaps: int) -> None:
+        """Best-improvement swaps inside groups, in place, until none helps."""
+        Q = self._Q
         tol = 1e-12 * float(np.abs(Q).max())
-        if 0 < self._k < self.n:
-            for _ in range(self.n if max_swaps is None else max_swaps):
-                ones, zeros = np.flatnonzero(x), np.flatnonzero(x == 0)
-                # (k, n-k) energy change of removing ones[a] and adding zeros[b]
-                delta = (
-                    (d[ones] - 2.0 * field[ones])[:, None]
-                    + (d[zeros] + 2.0 * field[zeros])[None, :]
-                    - 2.0 * Q[np.ix_(ones, zeros)]
-                )
-                a, b = np.unravel_index(np.argmin(delta), delta.shape)
-                if delta[a, b] >= -tol:
-                    break
-                i, j = ones[a], zeros[b]
-                x[i], x[j] = 0, 1
-                field += Q[:, j] - Q[:, i]
-        return x
+        pairs = self._group_pairs() if self.is_grouped else None
+        for _ in range(max_swaps):
+            best = self._best_swap(x, field, pairs)
+            if best is None or best[2] >= -tol:
+                break
+            i, j, _ = best
+            x[i], x[j] = 0, 1
+            field += Q[:, j] - Q[:, i]
+
+    def _group_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """All ordered pairs ``(i, j)``, ``i != j``, of variables in one group."""
+        grids = [np.meshgrid(m, m, indexing="ij") for m in self._members]
+        first = np.concatenate([a.ravel() for a, _ in grids])
+        second = np.concatenate([b.ravel() for _, b in grids])
+        distinct = first != second
+        return first[distinct], second[distinct]
+
+    def _best_swap(
+        self,
+        x: np.ndarray,
+        field: np.ndarray,
+        pairs: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[int, int, float] | None:
+        """The swap (remove ``i``, add ``j``) that lowers the energy most.
+
+        ``pairs`` are the allowed ``(i, j)`` of a grouped problem (a list, cheap
+        for small N:M groups); ``None`` allows every pair (a dense matrix).
+        Returns ``None`` when no swap is possible.
+        """
+        Q, d = self._Q, np.diag(self._Q)
+        if pairs is None:
+            ones, zeros = np.flatnonzero(x), np.flatnonzero(x == 0)
+            if not (ones.size and zeros.size):
+                return None
+            # (|ones|, |zeros|) energy change of removing ones[a] and adding zeros[b]
+            delta = (
+                (d[ones] - 2.0 * field[ones])[:, None]
+                + (d[zeros] + 2.0 * field[zeros])[None, :]
+                - 2.0 * Q[np.ix_(ones, zeros)]
+            )
+            a, b = np.unravel_index(np.argmin(delta), delta.shape)
+            return int(ones[a]), int(zeros[b]), float(delta[a, b])
+        movable = (x[pairs[0]] == 1) & (x[pairs[1]] == 0)
+        ones, zeros = pairs[0][movable], pairs[1][movable]
+        if not ones.size:
+            return None
+        delta = (
+            d[ones]
+            - 2.0 * field[ones]
+            + d[zeros]
+            + 2.0 * field[zeros]
+            - 2.0 * Q[ones, zeros]
+        )  # (pairs,) energy change of each allowed swap
+        best = int(np.argmin(delta))
+        return int(ones[best]), int(zeros[best]), float(delta[best])
 
     # ------------------------------------------------------------------ scaling
     def scaled(self) -> tuple[BlockProblem, float]:
@@ -286,27 +567,35 @@ class BlockProblem:
 
         Q is multiplied by ``1 / mean(|Q_ij|)`` over its non-zero entries, then
         entries with ``|Q_ij| <= 1e-12`` are set to zero. Energies of the scaled
-        problem are ``scale`` times the original ones (up to the cut-off).
+        problem are ``scale`` times the original ones (up to the cut-off); the
+        counts and groups are kept.
         """
         A = np.abs(self._Q)
         nz = A[A > 0]
         scale = 1.0 / float(nz.mean()) if nz.size else 1.0
         Qs = self._Q * scale
         Qs[np.abs(Qs) <= ZERO_CUTOFF] = 0.0
-        return BlockProblem._derived(Qs, self._k, self._meta), scale
+        return self._derived(Qs, self._counts, self._meta, groups=self._groups), scale
 
     # ---------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> None:
         """Write the problem to an ``.npz`` file (arrays ``Q``, ``k`` and meta).
 
-        As :func:`numpy.savez`, ``.npz`` is appended to a path without it. The
-        write is atomic (:func:`icbs_opt.atomic.atomic_write`).
+        ``k`` is a scalar when ungrouped. A grouped problem also writes the
+        ``(n,)`` array ``groups`` and ``k`` is then the ``(G,)`` counts. As
+        :func:`numpy.savez`, ``.npz`` is appended to a path without it. The write
+        is atomic (:func:`icbs_opt.atomic.atomic_write`).
         """
-        reserved = {"Q", "k"} & set(self._meta)
+        reserved = {"Q", "k", "groups"} & set(self._meta)
         if reserved:
-            raise ProblemError(f"meta keys {sorted(reserved)} clash with Q and k")
+            raise ProblemError(
+                f"meta keys {sorted(reserved)} clash with the arrays Q, k and groups"
+            )
         path = os.fspath(path)
-        arrays = {"Q": self._Q, "k": np.int64(self._k), **self._meta}
+        arrays: dict[str, Any] = {"Q": self._Q, "k": np.int64(self._k)}
+        if self.is_grouped:
+            arrays.update(k=self._counts, groups=self._groups)
+        arrays.update(self._meta)
         target = path if path.endswith(".npz") else path + ".npz"
         atomic_write(target, lambda f: np.savez(f, **arrays), binary=True)
 
@@ -314,14 +603,22 @@ class BlockProblem:
         """Write the problem in the UBQP text format.
 
         A comment line ``# k = K``, a header ``n m`` and then ``m`` lines ``i j q``
-        (1-based, ``i <= j``) such that ``x^T Q x = sum q x_i x_j``. The write
-        is atomic (:func:`icbs_opt.atomic.atomic_write`).
+        (1-based, ``i <= j``) such that ``x^T Q x = sum q x_i x_j``. A grouped
+        problem starts with ``# groups = g_1 ... g_n`` (0-based group id of each
+        variable) and its ``k`` line lists the counts, ``# k = k_1 ... k_G``. The
+        write is atomic (:func:`icbs_opt.atomic.atomic_write`).
         """
         upper = np.triu(2.0 * self._Q, 1) + np.diag(np.diag(self._Q))
         rows, cols = np.nonzero(upper)
+        comments = f"# k = {self._k}\n"
+        if self.is_grouped:
+            comments = (
+                f"# groups = {' '.join(map(str, self._groups.tolist()))}\n"
+                f"# k = {' '.join(map(str, self._counts.tolist()))}\n"
+            )
 
         def write(f: Any) -> None:
-            f.write(f"# k = {self._k}\n{self.n} {rows.size}\n")
+            f.write(f"{comments}{self.n} {rows.size}\n")
             np.savetxt(
                 f,
                 np.column_stack([rows + 1, cols + 1, upper[rows, cols]]),
@@ -331,12 +628,18 @@ class BlockProblem:
         atomic_write(os.fspath(path), write)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, k: int | None = None) -> BlockProblem:
+    def load(
+        cls, path: str | os.PathLike, *, k: int | Sequence[int] | None = None
+    ) -> BlockProblem:
         """Read a problem from ``.npz`` or UBQP text (``.ubqp``, ``.txt``, ``.qubo``).
+
+        Groups stored in the file (see :meth:`save` and :meth:`to_ubqp`) are read
+        with it.
 
         Args:
             path: The file.
-            k: The cardinality; overrides the file's. Required for UBQP files
+            k: The cardinality; overrides the file's (for a grouped problem, one
+                count for every group or one per group). Required for UBQP files
                 without a ``# k = K`` comment.
 
         Raises:
@@ -355,7 +658,7 @@ class BlockProblem:
             ) from exc
 
     @classmethod
-    def _read(cls, path: str, k: int | None) -> BlockProblem:
+    def _read(cls, path: str, k: Any) -> BlockProblem:
         if os.path.isdir(path):
             raise ProblemError("is a directory, not a problem file")
         if not os.path.exists(path):
@@ -367,7 +670,7 @@ class BlockProblem:
         return cls._load_ubqp(path, k)
 
     @classmethod
-    def _load_npz(cls, path: str, k: int | None) -> BlockProblem:
+    def _load_npz(cls, path: str, k: Any) -> BlockProblem:
         if not zipfile.is_zipfile(path):
             raise ProblemError("not an .npz archive (not a zip file)")
         try:
@@ -384,20 +687,23 @@ class BlockProblem:
             raise ProblemError(f"must hold arrays 'Q' and 'k', found {sorted(arrays)}")
         Q = arrays.pop("Q")
         k_file = arrays.pop("k", None)
-        if k is None and k_file.ndim != 0:
+        groups = arrays.pop("groups", None)
+        if k is None and groups is None and k_file.ndim != 0:
             raise ProblemError(
                 f"k must be a single integer, got an array of shape {k_file.shape}"
             )
+        if k is None:
+            k = k_file.item() if k_file.ndim == 0 else k_file
         meta = {
             key: (val.item() if val.ndim == 0 else val) for key, val in arrays.items()
         }
-        return cls(Q, k_file.item() if k is None else k, meta=meta)
+        return cls(Q, k, groups=groups, meta=meta)
 
     @classmethod
-    def _load_ubqp(cls, path: str, k: int | None) -> BlockProblem:
+    def _load_ubqp(cls, path: str, k: Any) -> BlockProblem:
         try:
             with open(path, encoding="ascii") as f:
-                k_file, lines = _ubqp_lines(f)
+                comments, lines = _ubqp_lines(f)
         except UnicodeDecodeError as exc:
             raise ProblemError(
                 f"not an .npz or UBQP text file (not ASCII text: {exc.reason} at "
@@ -407,33 +713,58 @@ class BlockProblem:
             raise ProblemError("not an .npz or UBQP text file: no header line 'n m'")
         n, m = _ubqp_header(*lines[0])
         i, j, q = _ubqp_entries(lines[1:], n, m)
-        k = k if k is not None else k_file
+        groups = comments.get("groups")
         if k is None:
-            raise ProblemError("UBQP text has no '# k = K' line; give k explicitly")
+            k = _ubqp_counts(comments.get("k"), grouped=groups is not None)
         Q = np.zeros((n, n))
         np.add.at(Q, (i, j), q / 2.0)
         np.add.at(Q, (j, i), q / 2.0)
-        return cls(Q, k)
+        return cls(Q, k, groups=groups)
 
 
 #: Largest n read from UBQP text: the dense Q takes 8 n^2 bytes (8 GiB here).
 MAX_UBQP_N = 1 << 15
 
+#: The comment lines of UBQP text that carry the constraints, and their form.
+_UBQP_COMMENTS = {
+    "k": "'# k = K' or '# k = k_1 ... k_G'",
+    "groups": "'# groups = g_1 ... g_n'",
+}
 
-def _ubqp_lines(f: Any) -> tuple[int | None, list[tuple[int, str]]]:
-    """The ``# k = K`` value and the other non-empty lines with their numbers."""
-    k_file = None
+
+def _ubqp_lines(f: Any) -> tuple[dict[str, list[int]], list[tuple[int, str]]]:
+    """The ``# k = ...`` and ``# groups = ...`` values, and the other non-empty lines.
+
+    Other comment lines are ignored.
+    """
+    comments: dict[str, list[int]] = {}
     lines: list[tuple[int, str]] = []
     for number, line in enumerate(f, start=1):
         text = line.strip()
         if text.startswith("#"):
             key, _, value = text.lstrip("# ").partition("=")
-            if key.strip() == "k":
-                label = f"k on line {number} ('# k = K')"
-                k_file = check_int(value, label, minimum=0, error=ProblemError)
+            key = key.strip()
+            if key in _UBQP_COMMENTS:
+                label = f"{key} on line {number} ({_UBQP_COMMENTS[key]})"
+                comments[key] = [
+                    check_int(token, label, minimum=0, error=ProblemError)
+                    for token in value.split() or [value.strip()]
+                ]
         elif text:
             lines.append((number, text))
-    return k_file, lines
+    return comments, lines
+
+
+def _ubqp_counts(values: list[int] | None, *, grouped: bool) -> int | list[int]:
+    """The ``k`` of a UBQP file's ``# k = ...`` line: one count, or one per group."""
+    if values is None:
+        raise ProblemError("UBQP text has no '# k = K' line; give k explicitly")
+    if len(values) > 1 and not grouped:
+        raise ProblemError(
+            f"the '# k = ...' line gives {len(values)} counts {values[:4]} but "
+            "there is no '# groups = g_1 ... g_n' line"
+        )
+    return values[0] if len(values) == 1 else values
 
 
 def _ubqp_header(number: int, text: str) -> tuple[int, int]:
@@ -492,16 +823,42 @@ def _ubqp_entries(
 
 
 def random_problem(
-    n: int, k: int | None = None, *, seed: int | None = None
+    n: int,
+    k: int | Sequence[int] | None = None,
+    *,
+    seed: int | None = None,
+    group_size: int | None = None,
 ) -> BlockProblem:
-    """Return a seeded random dense problem with ``k`` (default ``n // 2``) ones.
+    """Return a seeded random dense problem.
 
     Q has the structure of an iCBS block: ``1/2 W H W`` for a random PSD ``H``
-    plus a random diagonal, so both signs occur.
+    plus a random diagonal, so both signs occur; the same ``n`` and ``seed`` give
+    the same Q with or without groups.
+
+    Args:
+        n: Number of variables.
+        k: Without ``group_size``: the number of ones (default ``n // 2``). With
+            it: the count per group (default ``group_size // 2``), or one per group.
+        seed: Seed of the random matrix.
+        group_size: Put the variables in consecutive groups of this many (N:M
+            sparsity with ``M = group_size``); ``n`` must be a multiple of it.
+
+    Example:
+        >>> random_problem(8, 2, seed=0, group_size=4)
+        BlockProblem(n=8, k=4, groups=2, group_counts=[2, 2])
     """
+    groups = None
+    if group_size is not None:
+        group_size = check_int(group_size, "group_size", minimum=1, error=ProblemError)
+        if n % group_size:
+            raise ProblemError(
+                f"n = {n} must be a multiple of group_size = {group_size}"
+            )
+        groups = np.arange(n) // group_size
+        k = group_size // 2 if k is None else k
     rng = np.random.default_rng(seed)
     G = rng.standard_normal((max(2 * n, 4), n))
     w = rng.standard_normal(n)
     Q = 0.5 * (w[:, None] * (G.T @ G / G.shape[0]) * w[None, :])
     Q[np.diag_indices(n)] += rng.standard_normal(n)
-    return BlockProblem(Q, n // 2 if k is None else k)
+    return BlockProblem(Q, n // 2 if k is None else k, groups=groups)

@@ -11,7 +11,7 @@ DESIGN.md section 1 is the specification. One concern per module:
 Settings live in :mod:`icbs_opt.settings` (torch-free) and are re-exported here.
 """
 
-from icbs_opt.pruning.loop import PruneResult, nonzero_density, prune
+from icbs_opt.pruning.loop import PruneResult, nonzero_density, prune, sparsity_pattern
 from icbs_opt.pruning.pruner import Pruner, StepRecord, StepSeconds
 from icbs_opt.pruning.qubo import block_qubo
 from icbs_opt.settings import (
@@ -19,6 +19,7 @@ from icbs_opt.settings import (
     PAPER_CLASSIFIER_SETTINGS,
     SCHEDULES,
     SELECTION_METHODS,
+    UNSTRUCTURED,
     Preset,
     PruneConfig,
     RunSettings,
@@ -29,6 +30,7 @@ __all__ = [
     "PAPER_CLASSIFIER_SETTINGS",
     "SCHEDULES",
     "SELECTION_METHODS",
+    "UNSTRUCTURED",
     "Preset",
     "PruneConfig",
     "PruneResult",
@@ -39,4 +41,5 @@ __all__ = [
     "block_qubo",
     "nonzero_density",
     "prune",
+    "sparsity_pattern",
 ]

@@ -13,6 +13,12 @@ from torch import nn
 from icbs_opt.checks import check_int
 from icbs_opt.errors import DataError, PruningError
 from icbs_opt.pruning.pruner import PassRecord, Pruner, StepRecord
+from icbs_opt.pruning.state import nm_violations
+from icbs_opt.settings import UNSTRUCTURED, parse_pattern
+
+#: The N:M patterns :func:`sparsity_pattern` looks for, finest first (a 2:4
+#: model is 4:8 too).
+KNOWN_PATTERNS = ("2:4", "4:8")
 
 
 @dataclass
@@ -259,3 +265,36 @@ def nonzero_density(model: nn.Module, layers: Sequence[str]) -> float:
         nonzero += int(torch.count_nonzero(w))
         total += w.numel()
     return nonzero / total if total else 0.0
+
+
+def sparsity_pattern(
+    model: nn.Module, layers: Sequence[str], patterns: Sequence[str] = KNOWN_PATTERNS
+) -> str:
+    """The first of ``patterns`` every named layer satisfies, else ``unstructured``.
+
+    A layer satisfies N:M when its rows (Conv2d: flattened inputs) split into
+    groups of M consecutive weights with at most N non-zeros each (a weight
+    that is 0 by itself counts as pruned, as on hardware). A model without
+    zeros in these layers is ``dense``.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(8, 2)
+        >>> with torch.no_grad():
+        ...     layer.weight[:, ::2] = 0
+        >>> sparsity_pattern(torch.nn.Sequential(layer), ["0"])
+        '2:4'
+
+    Raises:
+        PruningError: For an unknown module name or a bad pattern.
+    """
+    if nonzero_density(model, layers) == 1.0:
+        return "dense"
+    modules = dict(model.named_modules())
+    for pattern in patterns:
+        nm = parse_pattern(pattern)  # None for "unstructured": never a match
+        if nm is not None and all(
+            nm_violations(modules[name].weight, *nm) == 0 for name in layers
+        ):
+            return pattern
+    return UNSTRUCTURED

@@ -37,14 +37,23 @@ from icbs_opt.executors import make_executor
 from icbs_opt.problems import BlockProblem
 from icbs_opt.pruning.qubo import (
     PreparedSolve,
+    block_problem,
     block_qubo,
     finish_solve,
     prepare_solve,
+    with_constraint,
 )
 from icbs_opt.pruning.refit import refit as refit_layers
-from icbs_opt.pruning.selection import LayerSchedule, select_block
+from icbs_opt.pruning.selection import LayerSchedule, select_block, select_groups
 from icbs_opt.pruning.sparsegpt import sparsegpt
-from icbs_opt.pruning.state import LayerState, freeze, keep_top, resolve_layers
+from icbs_opt.pruning.state import (
+    LayerState,
+    check_groups,
+    freeze,
+    keep_top,
+    keep_top_nm,
+    resolve_layers,
+)
 from icbs_opt.settings import CONFIG_FIELDS, PruneConfig
 
 logger = logging.getLogger(__name__)
@@ -81,7 +90,8 @@ class StepRecord:
         k: Pruned weights in the block, before and after the step.
         dl: Predicted loss change of the solver's answer (``x^T Q x + const``).
         dl_current: Predicted loss change of keeping the mask (0 up to rounding).
-        feasible: Whether the answer had exactly k ones.
+        feasible: Whether the answer had exactly k ones (N:M: each group its
+            count).
         accepted: Whether the answer was applied (feasible, ``dl <= dl_current``,
             and different from the current mask).
         flips: Weights whose state the step changed (0 when not accepted).
@@ -174,7 +184,8 @@ class Pruner:
         model: The model; its weights are changed in place.
         loss_fn: ``loss_fn(model, X, y) -> scalar tensor``, the mean over the
             batch's samples of per-sample losses.
-        density: Fraction of weights kept in each pruned layer, in (0, 1).
+        density: Fraction of weights kept in each pruned layer, in (0, 1); may
+            be left out with an N:M ``pattern`` option (it implies ``N / M``).
         backend: A backend name (see ``icbs-opt backends``) or a Backend.
         layers: Qualified module names to prune; None: every Linear and ungrouped
             Conv2d (a weight shared by several modules is pruned once).
@@ -187,10 +198,11 @@ class Pruner:
             ``problem.scaled()`` applies) and ``const``.
         config: A complete :class:`PruneConfig`; exclusive with ``options``.
         **options: Fields of :class:`PruneConfig` other than density
-            (``block_size``, ``k``, ``init``, ``selection``, ``hessian``, ...).
+            (``pattern``, ``block_size``, ``k``, ``init``, ``selection``, ...).
 
     Raises:
-        PruningError: For a bad setting, an unknown layer, or missing calibration.
+        PruningError: For a bad setting, an unknown layer, a layer whose input
+            size is not a multiple of an N:M pattern's M, or missing calibration.
         BackendError: For an unknown backend or backend option.
         BackendUnavailable: If the backend cannot run here.
 
@@ -229,10 +241,11 @@ class Pruner:
         self.rng = np.random.default_rng(cfg.seed)
         self.steps_done = self.passes_done = 0
         self._check_calibration()
-        self._layers = {
-            name: LayerState.of(name, module)
-            for name, module in resolve_layers(model, layers)
-        }
+        chosen = resolve_layers(model, layers)
+        if cfg.nm is not None:  # every row must split into groups of M
+            for name, module in chosen:
+                check_groups(name, module, cfg.pattern, cfg.nm[1])
+        self._layers = {name: LayerState.of(name, module) for name, module in chosen}
         self._schedule = LayerSchedule(
             self._layers, cfg.schedule, cfg.min_steps_per_layer, self.rng
         )
@@ -446,9 +459,14 @@ class Pruner:
                     scores[L.name] = self._selection_scores(L, X, y, tapes.get(L.name))
                 return scores[L.name]
 
-            idx = select_block(
-                L, layer_scores, cfg.block_size, cfg.k, taken.get(L.name)
-            )
+            if cfg.nm is None:
+                idx = select_block(
+                    L, layer_scores, cfg.block_size, cfg.k, taken.get(L.name)
+                )
+            else:  # whole groups of M
+                idx = select_groups(
+                    L, layer_scores, cfg.block_size, cfg.nm[1], taken.get(L.name)
+                )
             left[L.name] -= 1
             if left[L.name]:  # more blocks of this layer follow: keep them apart
                 taken.setdefault(L.name, torch.zeros_like(L.pruned))[idx] = True
@@ -461,7 +479,10 @@ class Pruner:
         return work
 
     def _build_problem(self, b: _Block, X: Any, y: Any, tape: LayerTape | None) -> None:
-        """Steps 3-4: ``dL(x) = x^T Q x + const`` subject to ``sum(x) = k``."""
+        """Steps 3-4: ``dL(x) = x^T Q x + const`` subject to ``sum(x) = k``.
+
+        With pattern N:M the constraint is one count per group of the block.
+        """
         cfg, sec = self.config, b.record.seconds
         g, H, sec.gradient, sec.hessian = block_derivatives(
             self.model,
@@ -482,7 +503,8 @@ class Pruner:
             r_B, w_B, g, H, cfg.grad_multiplier, cfg.ridge_multiplier
         )
         b.x0 = b.x_cur.cpu().numpy().astype(np.int8)  # (n,) current mask, feasible
-        b.problem = BlockProblem(Q.cpu().numpy(), b.record.k)
+        group_of = None if cfg.nm is None else b.idx // cfg.nm[1]  # (n,)
+        b.problem = block_problem(Q, b.x_cur, group_of)
         if self.problem_hook is not None:
             self.problem_hook(_with_meta(b.problem, b.record, b.x0, b.const))
         sec.q_build = time.perf_counter() - t
@@ -593,8 +615,9 @@ class Pruner:
     def _initial_prune(self) -> None:
         """Score every weight, keep the top ``density``, freeze, set up tabu.
 
-        ``sparsegpt`` instead takes SparseGPT's masks, and its updated kept
-        weights become their ``keep_values``.
+        With pattern N:M each group keeps its top N. ``sparsegpt`` instead takes
+        SparseGPT's masks, and its updated kept weights become their
+        ``keep_values``.
         """
         cfg = self.config
         X, y = self.calibration if self.calibration is not None else (None, None)
@@ -612,13 +635,22 @@ class Pruner:
         masks = [None] * len(mods)
         if cfg.init_method == "sparsegpt":  # masks, saliencies, updated weights
             done = sparsegpt(
-                self.model, self.loss_fn, X, y, mods, cfg.density, max_batch_size=mbs
+                self.model,
+                self.loss_fn,
+                X,
+                y,
+                mods,
+                cfg.density,
+                pattern=cfg.nm,
+                max_batch_size=mbs,
             )
             masks, grads = [m for m, _ in done], [s for _, s in done]
         layers = zip(self._layers.values(), norms, grads, masks, strict=True)
         for L, norm, grad, mask in layers:
             s = self._init_scores(cfg.init_method, L, norm, grad)  # (numel,)
-            if mask is None:
+            if mask is None and cfg.nm is not None:
+                keep = keep_top_nm(s, *cfg.nm)
+            elif mask is None:
                 shape = L.module.weight.shape
                 keep = keep_top(s, shape, cfg.density, cfg.init_grouping)
             else:  # SparseGPT's mask; its kept weights' new values are restored
@@ -632,9 +664,10 @@ class Pruner:
             L.setup_tabu(cfg.tabu_frac, cfg.block_size)
             L.write(torch.arange(L.numel, device=L.w0.device))
         logger.info(
-            "initial %s pruning to density %.4f of %d layers",
+            "initial %s pruning to density %.4f (%s) of %d layers",
             cfg.init,
             self.density(),
+            cfg.pattern,
             len(self._layers),
         )
 
@@ -748,8 +781,9 @@ class Pruner:
         """Continue from :meth:`state_dict`; the model is set to its masks.
 
         Raises:
-            PruningError: If the layers differ or a saved mask moves a frozen
-                weight (the checkpoint is of another model or config).
+            PruningError: If the layers differ, a saved mask moves a frozen
+                weight or breaks the N:M pattern (the checkpoint is of another
+                model or config).
         """
         if "layers" in state:
             self._load_layers(state["layers"])
@@ -771,6 +805,14 @@ class Pruner:
                 raise PruningError(
                     f"the checkpoint's mask of layer {name!r} moves frozen weights"
                 )
+            nm = self.config.nm
+            if nm is not None and torch.any(
+                (~pruned).reshape(-1, nm[1]).sum(1) != nm[0]
+            ):
+                raise PruningError(
+                    f"the checkpoint's mask of layer {name!r} is not "
+                    f"{self.config.pattern} in every group"
+                )
         for name, L in self._layers.items():
             L.pruned = saved[name]["pruned"].to(L.pruned.device).clone()
             if "keep_values" in saved[name]:
@@ -789,8 +831,6 @@ def _make_config(
                 f"(got density={density!r}, options {sorted(options)})"
             )
         return config
-    if density is None:
-        raise PruningError("density is required (a number in (0, 1))")
     fields = set(CONFIG_FIELDS) - {"density"}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -844,4 +884,4 @@ def _with_meta(
         "scale": scale,
         "const": const,
     }
-    return BlockProblem(problem.Q, problem.k, meta=meta)
+    return with_constraint(problem, problem.Q, meta=meta)

@@ -3,7 +3,8 @@
 ``x_i = 1`` means weight i of the block is pruned after the step. The weight change
 is ``delta = -(dw + W0 x)`` with ``dw = w - w0``; the second-order loss change
 ``dL = lambda_g g^T delta + 1/2 delta^T H delta + lambda_r |delta|^2`` becomes
-``x^T Q x + const`` subject to ``sum(x) = k``.
+``x^T Q x + const`` subject to ``sum(x) = k``; with an N:M pattern, one such
+constraint per group of the block (:func:`block_problem`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,57 @@ def block_qubo(
     return Q, float(const)
 
 
+def block_problem(
+    Q: torch.Tensor, x_cur: torch.Tensor, group_of: torch.Tensor | None = None
+) -> BlockProblem:
+    """The block problem: ``Q`` with the current mask's pruned count kept.
+
+    Args:
+        Q: ``(n, n)`` the block QUBO.
+        x_cur: ``(n,)`` bool current mask of the block, True = pruned.
+        group_of: ``(n,)`` the group of each variable (pattern N:M: its flat
+            index // M); None: the whole block is one group.
+
+    Returns:
+        ``BlockProblem(Q, k)`` with ``k = sum(x_cur)``, or with groups:
+        ``BlockProblem(Q, k, groups=ids)`` with ``ids`` the groups numbered
+        0..G-1 and ``k[g]`` the pruned count of group g, so each group keeps its
+        count (N:M: ``M - N`` of a group without frozen weights).
+    """
+    Q_np = Q.detach().cpu().numpy()
+    if group_of is None:
+        return BlockProblem(Q_np, int(x_cur.sum()))
+    _, ids = torch.unique(group_of, return_inverse=True)  # (n,) in 0..G-1
+    counts = torch.zeros(int(ids.max()) + 1, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, ids, x_cur.long())  # (G,) pruned per group
+    return BlockProblem(Q_np, counts.cpu().numpy(), groups=ids.cpu().numpy())
+
+
+def with_constraint(
+    problem: BlockProblem,
+    Q: np.ndarray,
+    keep: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+    meta: dict[str, Any] | None = None,
+) -> BlockProblem:
+    """A problem on ``Q`` with ``problem``'s constraint (its groups, if any).
+
+    Args:
+        problem: The problem whose constraint is taken.
+        Q: The new matrix, over the variables ``keep``.
+        keep: Indices of the variables kept (None: all).
+        counts: ``(G,)`` ones per group of ``problem`` (None: its own);
+            groups with no variable kept are dropped.
+        meta: The new problem's meta.
+    """
+    counts = problem.group_counts if counts is None else counts
+    if not problem.is_grouped:
+        return BlockProblem(Q, int(counts[0]), meta=meta)
+    groups = problem.groups if keep is None else problem.groups[keep]
+    used, ids = np.unique(groups, return_inverse=True)
+    return BlockProblem(Q, counts[used], groups=ids, meta=meta)
+
+
 @dataclass
 class PreparedSolve:
     """A block problem made ready for a backend (DESIGN step 5).
@@ -84,30 +136,48 @@ def prepare_solve(
     """Scale the problem and warm-start it at ``x0`` (the current mask).
 
     With ``remove_zero_rows``, variables whose Q row is all zero are pruned first
-    (pruning them changes nothing) and the rest keeps a smaller k. The backend's
-    seed is drawn from ``rng`` only when a backend is needed.
+    (pruning them changes nothing), each group's count shrinking accordingly.
+    Groups left with nothing to choose (a count of 0 or of all their variables)
+    are decided here. The backend's seed is drawn from ``rng`` only when a
+    backend is needed.
     """
     x = np.zeros(problem.n, dtype=np.int8)
-    rest, k = np.arange(problem.n), problem.k
+    groups, counts = problem.groups, problem.group_counts.copy()
+    rest = np.arange(problem.n)
     if remove_zero_rows:
-        zero = ~(problem.Q != 0).any(axis=1)  # rows (= columns) of zeros
-        z = np.flatnonzero(zero)
-        x[z[: min(z.size, k)]] = 1
-        k -= min(z.size, k)
-        rest = np.flatnonzero(~zero)
-    if k == 0 or k == rest.size:
-        x[rest] = 1 if k else 0
+        zero = np.flatnonzero(~(problem.Q != 0).any(axis=1))  # rows (= columns)
+        free = _first_per_group(zero, groups, counts)
+        x[free] = 1
+        counts -= np.bincount(groups[free], minlength=counts.size)
+        rest = np.setdiff1d(rest, zero)
+    left = np.bincount(groups[rest], minlength=counts.size)  # per group
+    decided = (counts == 0) | (counts == left)  # (G,) nothing left to choose
+    x[rest] = (decided & (counts > 0))[groups[rest]]  # all pruned, or none
+    rest = rest[~decided[groups[rest]]]
+    if rest.size == 0:
         return PreparedSolve(x, rest)
     sub = (
         problem
         if rest.size == problem.n
-        else BlockProblem(problem.Q[np.ix_(rest, rest)], k)
+        else with_constraint(problem, problem.Q[np.ix_(rest, rest)], rest, counts)
     )
     scaled, _ = sub.scaled()
     warm = x0[rest]
-    if int(warm.sum()) != k:
+    if not scaled.is_feasible(warm):
         warm = scaled.repair(warm)
     return PreparedSolve(x, rest, scaled, warm, int(rng.integers(2**31)))
+
+
+def _first_per_group(
+    idx: np.ndarray, groups: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """The first ``counts[g]`` of the ascending ``idx`` in each group g."""
+    g = groups[idx]
+    order = np.argsort(g, kind="stable")  # by group, ascending within
+    start = np.searchsorted(g[order], g[order])  # where each one's group begins
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size) - start
+    return idx[rank < counts[g]]
 
 
 def finish_solve(

@@ -87,3 +87,45 @@ def select_block(
     pick_p = top(cand_p, S, tabu, n_p, largest=True)  # likeliest wrong
     pick_k = top(cand_k, S, tabu, block_size - n_p, largest=False)
     return torch.sort(torch.cat([pick_p, pick_k])).values
+
+
+def select_groups(
+    L: LayerState,
+    scores: Callable[[], torch.Tensor],
+    block_size: int,
+    m: int,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Step 2 for pattern N:M: the free weights of whole groups of ``m``.
+
+    A group can move when it has a free pruned and a free kept weight; its
+    likeliest mislabelling is the swap of its highest-scoring free pruned weight
+    with its lowest-scoring free kept one, so groups are ranked by that margin
+    ``max S[pruned] - min S[kept]`` (highest first; tabu groups, those holding a
+    tabu weight, last). Groups are taken in that order while their free weights
+    fit in ``block_size``: ``block_size / m`` groups when none holds a frozen
+    weight. When all movable groups fit, ``scores`` is not called. Weights in
+    ``exclude`` (another block of the same pass) are treated as frozen.
+
+    Returns:
+        ``(n,)`` sorted flat indices into the weight; every group of the block
+        is movable and all of its free weights are in it.
+    """
+    frozen = L.frozen if exclude is None else L.frozen | exclude
+    free = (~frozen).reshape(-1, m)  # (groups, M)
+    pruned = L.pruned.reshape(-1, m)
+    movable = (free & pruned).any(1) & (free & ~pruned).any(1)  # (groups,)
+    cand = torch.nonzero(movable).squeeze(1)
+    size = free[cand].sum(1)  # (candidates,) free weights per group
+    if int(size.sum()) > block_size:
+        S = scores().reshape(-1, m)[cand]  # (candidates, M)
+        inf = torch.tensor(float("inf"), dtype=S.dtype, device=S.device)
+        hi = torch.where(free[cand] & pruned[cand], S, -inf).amax(1)
+        lo = torch.where(free[cand] & ~pruned[cand], S, inf).amin(1)
+        tabu = L.tabu_mask().reshape(-1, m)[cand].any(1)
+        order = torch.argsort(hi - lo, descending=True, stable=True)
+        order = order[torch.argsort(tabu[order].byte(), stable=True)]  # tabu last
+        cand = cand[order[torch.cumsum(size[order], 0) <= block_size]]
+    chosen = torch.zeros_like(free)  # (groups, M)
+    chosen[cand] = free[cand]
+    return torch.nonzero(chosen.reshape(-1)).squeeze(1)

@@ -13,6 +13,10 @@ blocks of ``blocksize``:
   its share of the layer's pruned count, lowest saliencies over all the block's
   rows and columns (the paper's Algorithm 1; rows may end up with different
   counts);
+- with an N:M pattern, instead, every M columns (at the first column of a
+  group, from the weights as updated so far) each row prunes the ``M - N``
+  lowest saliencies of the group, as the paper does for semi-structured
+  sparsity; the lazy blocks then hold whole groups;
 - column ``j``: a pruned weight is set to 0 and its error ``(w - q) / U_jj`` is
   spread over the row's later columns through ``U[j, j:]``; within the block at
   once, and to the columns after the block in one matrix product at its end.
@@ -79,27 +83,35 @@ def sparsegpt_layer(
     *,
     blocksize: int = DEFAULT_BLOCKSIZE,
     dampening: float = DEFAULT_DAMPENING,
+    pattern: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseGPT on one weight matrix: mask and OBS-updated weights.
 
     Args:
         W: ``(d_out, d_in)`` weights (not changed).
         G: ``(d_in, d_in)`` Gram matrix ``X^T X`` of the layer's inputs.
-        prune_count: Weights to prune in the layer, exactly.
-        blocksize: Columns per lazy block.
+        prune_count: Weights to prune in the layer, exactly (ignored with
+            ``pattern``, which prunes ``M - N`` of every group).
+        blocksize: Columns per lazy block (with ``pattern``, rounded down to a
+            multiple of M, at least M).
         dampening: Fraction of the mean Hessian diagonal added to it.
+        pattern: ``(N, M)``: keep N of every M consecutive weights of a row
+            (``d_in`` a multiple of M); None: unstructured.
 
     Returns:
         ``W`` float64 with pruned weights exactly 0 and kept ones updated, the
-        keep mask (bool), and the saliency each weight had when its block's mask
-        was chosen (float64; high = kept); all ``(d_out, d_in)``.
+        keep mask (bool), and the saliency each weight had when its mask was
+        chosen (float64; high = kept); all ``(d_out, d_in)``.
 
     Example:
         >>> _ = torch.manual_seed(0)
-        >>> X, W = torch.randn(64, 6), torch.randn(3, 6)
+        >>> X, W = torch.randn(64, 8), torch.randn(3, 8)
         >>> Wn, keep, _ = sparsegpt_layer(W, X.T @ X, 9, blocksize=4)
         >>> int((~keep).sum()), bool((Wn[~keep] == 0).all())
         (9, True)
+        >>> _, keep, _ = sparsegpt_layer(W, X.T @ X, 0, pattern=(2, 4))
+        >>> keep.reshape(-1, 4).sum(1).tolist()
+        [2, 2, 2, 2, 2, 2]
     """
     W = W.to(torch.float64).clone()  # (d_out, d_in)
     H, dead = dampened(G, dampening)
@@ -108,20 +120,27 @@ def sparsegpt_layer(
     keep = torch.ones_like(W, dtype=torch.bool)
     scores = torch.zeros_like(W)
     d_in = W.shape[1]
+    if pattern is not None:  # lazy blocks of whole groups
+        blocksize = max(pattern[1], blocksize // pattern[1] * pattern[1])
     counts = block_counts(prune_count, d_in, blocksize)
     for b, i1 in enumerate(range(0, d_in, blocksize)):
         i2 = min(i1 + blocksize, d_in)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (d_out, B), (B, B)
         d = torch.diagonal(U1)  # (B,)
-        s = W1.pow(2) / d.pow(2)  # (d_out, B) OBS error of pruning each weight
-        s[:, dead[i1:i2]] = 0.0
-        scores[:, i1:i2] = s
-        low = torch.argsort(s.reshape(-1), stable=True)[: counts[b]]
-        prune1 = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
-        prune1[low] = True
-        prune1 = prune1.reshape(s.shape)
+        S1, dead1 = scores[:, i1:i2], dead[i1:i2]  # S1 a view: filled in place
+        prune1 = torch.zeros_like(W1, dtype=torch.bool)  # (d_out, B)
+        if pattern is None:  # the block's share, lowest over its rows and columns
+            S1.copy_(_saliency(W1, d, dead1))
+            low = torch.argsort(S1.reshape(-1), stable=True)[: counts[b]]
+            prune1.view(-1)[low] = True
         E1 = torch.zeros_like(W1)  # (d_out, B) scaled errors of the block
         for j in range(i2 - i1):
+            if pattern is not None and j % pattern[1] == 0:  # a group starts
+                n, m = pattern
+                g = slice(j, j + m)
+                S1[:, g] = _saliency(W1[:, g], d[g], dead1[g])  # (d_out, M)
+                low = torch.argsort(S1[:, g], dim=1, stable=True)[:, : m - n]
+                prune1[:, g] = prune1[:, g].scatter(1, low, True)
             w = W1[:, j]
             q = torch.where(prune1[:, j], torch.zeros_like(w), w)
             err = (w - q) / d[j]  # (d_out,)
@@ -134,6 +153,13 @@ def sparsegpt_layer(
     return W, keep, scores
 
 
+def _saliency(W: torch.Tensor, d: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``(d_out, B)`` OBS error ``w^2 / U_jj^2`` of pruning each weight (dead: 0)."""
+    s = W.pow(2) / d.pow(2)
+    s[:, dead] = 0.0
+    return s
+
+
 # ---------------------------------------------------------------- the model
 def sparsegpt(
     model: nn.Module,
@@ -143,14 +169,16 @@ def sparsegpt(
     modules: Sequence[nn.Module],
     density: float,
     *,
+    pattern: tuple[int, int] | None = None,
     blocksize: int = DEFAULT_BLOCKSIZE,
     dampening: float = DEFAULT_DAMPENING,
     max_batch_size: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Prune ``modules`` of ``model`` in place with SparseGPT, in forward order.
 
-    Each layer keeps exactly ``round(density * numel)`` weights; its kept
-    weights get the OBS update, its pruned weights are exactly 0.
+    Each layer keeps exactly ``round(density * numel)`` weights (with
+    ``pattern`` ``(N, M)``: N of every M consecutive weights of a row); its
+    kept weights get the OBS update, its pruned weights are exactly 0.
 
     Args:
         model: The model, changed in place.
@@ -159,6 +187,8 @@ def sparsegpt(
         y: Their targets.
         modules: Linear/Conv2d modules to prune.
         density: Fraction of each layer's weights kept, in (0, 1).
+        pattern: ``(N, M)`` of an N:M pattern (``density`` is then N / M), or
+            None. Every module's input size must be a multiple of M.
         blocksize: Columns per lazy block.
         dampening: Fraction of the mean Hessian diagonal added to it.
         max_batch_size: Largest sub-batch per forward.
@@ -175,7 +205,12 @@ def sparsegpt(
         W = m.weight.detach().reshape(weight_matrix_shape(m))
         count = numel - round(density * numel)
         Wn, keep, s = sparsegpt_layer(
-            W, grams.G, count, blocksize=blocksize, dampening=dampening
+            W,
+            grams.G,
+            count,
+            blocksize=blocksize,
+            dampening=dampening,
+            pattern=pattern,
         )
         with torch.no_grad():
             m.weight.copy_(Wn.reshape(shape).to(m.weight.dtype))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from icbs_opt.derivatives import PRUNABLE_TYPES, check_prunable
+from icbs_opt.derivatives import PRUNABLE_TYPES, check_prunable, weight_matrix_shape
 from icbs_opt.errors import PruningError
 
 logger = logging.getLogger(__name__)
@@ -179,14 +179,61 @@ def keep_top(
     S = scores.reshape(shape[0], -1)  # (d_out, d_in)
     if grouping == "input":
         S = S.T
-    groups, size = S.shape
+    groups = S.shape[0]
     counts = torch.full((groups,), kept // groups, device=S.device)
     counts[: kept % groups] += 1  # the layer keeps exactly round(density * numel)
+    keep = _keep_rows(S, counts)
+    return (keep.T if grouping == "input" else keep).reshape(-1)
+
+
+def keep_top_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep mask of pattern N:M: the top ``n`` scores of every ``m`` in a row.
+
+    The flat weights ``(d_out * d_in,)`` with ``d_in`` a multiple of ``m`` fall
+    into consecutive groups of ``m`` that never cross a row.
+    """
+    S = scores.reshape(-1, m)  # (groups, M)
+    return _keep_rows(S, torch.full((S.shape[0],), n, device=S.device)).reshape(-1)
+
+
+def _keep_rows(S: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``(rows, size)`` bool: the ``counts[r]`` highest scores of each row r.
+
+    Among equal scores the earlier weight is kept.
+    """
+    rows, size = S.shape
     order = torch.argsort(S, dim=1, descending=True, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(size, device=S.device).expand(groups, size))
-    keep = ranks < counts[:, None]
-    return (keep.T if grouping == "input" else keep).reshape(-1)
+    ranks.scatter_(1, order, torch.arange(size, device=S.device).expand(rows, size))
+    return ranks < counts[:, None]
+
+
+def check_groups(name: str, module: nn.Module, pattern: str, m: int) -> None:
+    """Refuse a layer whose rows do not split into groups of ``m``.
+
+    Raises:
+        PruningError: Naming the layer, its input size and the pattern.
+    """
+    d_in = weight_matrix_shape(module)[1]
+    if d_in % m:
+        raise PruningError(
+            f"layer {name!r} has {d_in} inputs per output row, not a multiple of "
+            f"M = {m} (pattern {pattern!r}); leave it out: give the layers to "
+            "prune (layers=[...], --layers)"
+        )
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int | None:
+    """Groups of ``m`` consecutive weights of a row with more than ``n`` non-zeros.
+
+    None when the rows (Conv2d: flattened inputs) do not split into groups of
+    ``m``. A weight that is 0 by itself counts as pruned, as on hardware.
+    """
+    d_out = weight.shape[0]
+    if (weight.numel() // d_out) % m:
+        return None
+    nonzero = (weight.detach().reshape(-1, m) != 0).sum(1)  # (groups,)
+    return int((nonzero > n).sum())
 
 
 def top(
