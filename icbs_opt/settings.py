@@ -40,6 +40,8 @@ SCHEDULES = ("uniform", "log")
 TAPE_DTYPES = ("float32", "bfloat16")
 #: Whose inputs a refit applies the original layer to (icbs_opt.pruning.refit).
 REFIT_TARGETS = ("dense", "current")
+#: How a refit solves its least-squares problems (icbs_opt.pruning.refit).
+REFIT_SOLVERS = ("pcg", "exact")
 #: The pattern without groups; any other is ``"N:M"`` (DESIGN "N:M patterns").
 UNSTRUCTURED = "unstructured"
 
@@ -136,8 +138,11 @@ class PruneConfig:
             original layer's outputs on the calibration batch (DESIGN 1b).
         refit_every: Also refit every this many steps (0: never during the run).
         refit_target: The outputs a refit reconstructs: the original layer's on
-            the ``dense`` model's inputs (also correcting earlier layers' error)
-            or on the ``current`` (pruned) model's inputs, SparseGPT's objective.
+            the ``current`` (pruned) model's inputs, SparseGPT's objective, or on
+            the ``dense`` model's inputs (also correcting earlier layers' error:
+            best on the digits MLP, ruinous on SmolLM2; see docs/pruning.md).
+        refit_solver: ``pcg`` (conjugate gradients from the current weights, to
+            a relative residual of 1e-3) or ``exact`` (Cholesky solves per row).
         seed: Seed of every random choice (init, layer, block, solver).
     """
 
@@ -166,7 +171,8 @@ class PruneConfig:
     check_blocks: bool = False
     refit: bool = False
     refit_every: int = 0
-    refit_target: str = "dense"
+    refit_target: str = "current"
+    refit_solver: str = "pcg"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -193,6 +199,7 @@ class PruneConfig:
             ("schedule", SCHEDULES),
             ("tape_dtype", TAPE_DTYPES),
             ("refit_target", REFIT_TARGETS),
+            ("refit_solver", REFIT_SOLVERS),
         ):
             value = getattr(self, name)
             if value not in choices:

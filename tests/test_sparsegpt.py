@@ -13,7 +13,7 @@ from torch import nn
 from icbs_opt.cli import main
 from icbs_opt.errors import PruningError
 from icbs_opt.pruning import Pruner, prune
-from icbs_opt.pruning.refit import refit, refit_layer
+from icbs_opt.pruning.refit import refit, refit_layer, refit_layer_pcg
 from icbs_opt.pruning.sequential import sequential_update
 from icbs_opt.pruning.sparsegpt import block_counts, sparsegpt, sparsegpt_layer
 from icbs_opt.settings import PruneConfig
@@ -241,8 +241,36 @@ def test_refit_with_dampening_keeps_a_dense_row():
     assert W[1, 2] == pytest.approx(float(W0[1, 2]))
 
 
+@pytest.mark.parametrize("dead", [False, True])
+def test_pcg_refit_reaches_the_exact_solution(dead):
+    torch.manual_seed(1)
+    X, Xd = torch.randn(60, 12).double(), torch.randn(60, 12).double()
+    X[:, 3] = 0 if dead else X[:, 3]
+    W0 = torch.randn(6, 12, dtype=torch.float64)
+    keep = torch.rand(6, 12) < 0.5
+    keep[0], keep[1] = False, True  # nothing kept; everything kept
+    G, C = X.T @ X, X.T @ Xd
+    want = refit_layer(W0, keep, G, C, dampening=0.01)
+    start = torch.randn(6, 12, dtype=torch.float64)  # any start converges
+    W = refit_layer_pcg(
+        W0, keep, G, C, start=start, tolerance=1e-12, dtype=torch.float64
+    )
+    torch.testing.assert_close(W, want, rtol=1e-8, atol=1e-8)
+    assert torch.all(W[~keep] == 0)
+
+
+def test_pcg_refit_solves_the_rows_it_did_not_finish_exactly():
+    torch.manual_seed(0)
+    X, W0 = torch.randn(40, 9).double(), torch.randn(3, 9).double()
+    keep = torch.rand(3, 9) < 0.5
+    G = X.T @ X
+    W = refit_layer_pcg(W0, keep, G, max_iterations=1, dtype=torch.float64)
+    torch.testing.assert_close(W, refit_layer(W0, keep, G), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["pcg", "exact"])
 @pytest.mark.parametrize("target", ["current", "dense"])
-def test_refit_model_reconstructs_in_forward_order(target):
+def test_refit_model_reconstructs_in_forward_order(target, solver):
     model = mlp()
     dense_model = copy.deepcopy(model)
     X, y = data()
@@ -254,7 +282,7 @@ def test_refit_model_reconstructs_in_forward_order(target):
     with torch.no_grad():
         for m, k in zip(mods, keeps, strict=True):
             m.weight.mul_(k)
-    refit(model, loss_fn, X, y, targets, target=target, dampening=0.0)
+    refit(model, loss_fn, X, y, targets, target=target, solver=solver, dampening=0)
     for m, k in zip(mods, keeps, strict=True):
         assert torch.all(m.weight[~k] == 0)
     # the second layer is the least-squares fit on the refit first layer's output
@@ -274,6 +302,8 @@ def test_refit_rejects_an_unknown_target():
     X, y = data()
     with pytest.raises(PruningError, match="target must be one of dense, current"):
         refit(model, loss_fn, X, y, {}, target="nope")
+    with pytest.raises(PruningError, match="solver must be one of pcg, exact"):
+        refit(model, loss_fn, X, y, {}, solver="cg")
 
 
 # ------------------------------------------------------------ the pruner
@@ -357,6 +387,7 @@ def test_refit_needs_calibration_data():
         ("refit_every", -1, "refit_every must be an integer >= 0, got -1"),
         ("refit", 1, "refit must be True or False, got 1"),
         ("refit_target", "x", "refit_target must be one of dense, current"),
+        ("refit_solver", "x", "refit_solver must be one of pcg, exact, got 'x'"),
     ],
 )
 def test_refit_settings_are_checked(field, value, message):

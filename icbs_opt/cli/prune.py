@@ -77,8 +77,10 @@ SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
                                       "help": "also refit every S steps (0: "
                                       "never during the run)"}),
     ("--refit-target", "refit_target", {"help": "refit to the original layers' "
-                                        "outputs on the dense model's inputs "
-                                        "(dense) or the pruned model's (current)"}),
+                                        "outputs on the pruned model's inputs "
+                                        "(current) or the dense model's (dense)"}),
+    ("--refit-solver", "refit_solver", {"help": "pcg (conjugate gradients, "
+                                        "default) or exact (Cholesky per row)"}),
     ("--block-size", "block_size", {"type": int, "help": "weights per block, n"}),
     ("--k", "k", {"type": int, "help": "pruned weights per block (n // 2 if "
                   "unset; with --pattern N:M it is n (M-N)/M)"}),

@@ -725,6 +725,7 @@ class Pruner:
                 y,
                 targets,
                 target=self.config.refit_target,
+                solver=self.config.refit_solver,
                 max_batch_size=self._mbs,
             )
         except BaseException:  # KeyboardInterrupt too: back to the values before

@@ -21,12 +21,22 @@ On the digits MLP at density 0.1 the ``dense`` target matters: iCBS (300 steps,
 magnitude init) 92.4% test accuracy, refit to ``current`` 68.9%, to ``dense``
 97.8%.
 
-Rows are solved exactly, in batches of similar kept counts, by batched Cholesky
-factorisation (the sets padded to the batch's largest with identity entries).
-A row with fewer pruned weights ``P`` than kept ones instead corrects its
-unconstrained optimum ``w* = H^-1 b``: ``w = w* - H^-1[:, P] (H^-1[P, P])^-1 w*_P``
-(the same minimiser). Cost per layer: ``d_out`` solves of size
-``m = min(|S|, |P|)``, about ``d_out * m^3 / 3`` flops.
+Two solvers give the same minimiser:
+
+- ``pcg`` (default, :func:`refit_layer_pcg`): preconditioned conjugate gradients
+  on all rows at once, started from the current weights, in float32: one
+  ``(d_out, d_in) @ (d_in, d_in)`` product per iteration, until every row's
+  residual is below ``1e-3`` of its right side. On SmolLM2-135M layers at
+  density 0.5 that takes 50 to 95 iterations and loses at most ``2e-4`` (typically
+  ``1e-6``) of the exact refit's reduction of the reconstruction error, about 4x
+  faster than the exact solves.
+- ``exact`` (:func:`refit_layer`): rows solved in batches of similar kept counts
+  by batched Cholesky factorisation (the sets padded to the batch's largest with
+  identity entries). A row with fewer pruned weights ``P`` than kept ones instead
+  corrects its unconstrained optimum ``w* = H^-1 b``:
+  ``w = w* - H^-1[:, P] (H^-1[P, P])^-1 w*_P`` (the same minimiser). Cost per
+  layer: ``d_out`` solves of size ``m = min(|S|, |P|)``, about ``d_out m^3 / 3``
+  flops.
 """
 
 from __future__ import annotations
@@ -43,12 +53,15 @@ from icbs_opt.derivatives import LossFn, weight_matrix_shape
 from icbs_opt.errors import PruningError
 from icbs_opt.pruning.sequential import LayerGrams, sequential_update
 from icbs_opt.pruning.sparsegpt import DEFAULT_DAMPENING, dampened
-from icbs_opt.settings import REFIT_TARGETS
+from icbs_opt.settings import REFIT_SOLVERS, REFIT_TARGETS
 
 logger = logging.getLogger(__name__)
 
 #: Elements of the padded per-row systems held at once (float64).
 CHUNK_ELEMENTS = 2**22
+#: Relative residual per row at which the PCG refit stops, and its most iterations.
+PCG_TOLERANCE = 1e-3
+PCG_MAX_ITERATIONS = 300
 
 
 def refit_layer(
@@ -79,13 +92,9 @@ def refit_layer(
         >>> bool(W[0, 1] == 0), torch.allclose(W[1], W0[1].double())
         (True, True)
     """
-    H, _ = dampened(G, dampening)  # (d_in, d_in)
-    C = (G if C is None else C).to(torch.float64)
-    extra = torch.diagonal(H) - torch.diagonal(G).to(torch.float64)  # lambda (+1 dead)
-    W0 = W0.to(torch.float64)
-    B = W0 @ C.T + W0 * extra  # (d_out, d_in) right sides, rows C w0_r + lambda w0_r
+    H, B = _normal_equations(W0, G, C, dampening)
     d_in = W0.shape[1]
-    W = torch.zeros_like(W0)
+    W = torch.zeros_like(B)
     counts = keep.sum(1)  # (d_out,)
     few_kept = 2 * counts <= d_in
     Hp = _padded(H)
@@ -100,6 +109,90 @@ def refit_layer(
             z = _subset_solve(Hinv_p, w, ~keep[rows])  # Hinv[P,P] z_P = w_P
             W[rows] = w - z @ Hinv  # w_P becomes 0 (up to rounding)
     return W * keep  # pruned exactly 0
+
+
+def refit_layer_pcg(
+    W0: torch.Tensor,
+    keep: torch.Tensor,
+    G: torch.Tensor,
+    C: torch.Tensor | None = None,
+    *,
+    dampening: float = DEFAULT_DAMPENING,
+    start: torch.Tensor | None = None,
+    tolerance: float = PCG_TOLERANCE,
+    max_iterations: int = PCG_MAX_ITERATIONS,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`refit_layer`'s minimiser by preconditioned conjugate gradients.
+
+    All rows iterate together (one ``(d_out, d_in) @ (d_in, d_in)`` product per
+    iteration) with the Jacobi preconditioner ``diag(H)``, each row restricted
+    to its kept columns, until every row's residual ``|b_S - H[S, S] w_S|`` is
+    at most ``tolerance`` times ``|b_S|``. Rows still above it after
+    ``max_iterations`` (ill-conditioned ones, e.g. with fewer calibration rows
+    than inputs) are solved exactly.
+
+    Args:
+        W0: ``(d_out, d_in)`` original weights.
+        keep: ``(d_out, d_in)`` bool keep mask (fixed).
+        G: ``(d_in, d_in)`` Gram matrix ``X^T X`` of the layer's inputs.
+        C: ``(d_in, d_in)`` ``X^T X_t`` (None: ``G``).
+        dampening: Fraction of the mean diagonal of ``G`` added as ``lambda``.
+        start: ``(d_out, d_in)`` first iterate, e.g. the current weights
+            (None: ``W0`` on the kept columns).
+        tolerance: Relative residual per row at which to stop.
+        max_iterations: Most iterations; rows still above ``tolerance`` then
+            get :func:`refit_layer`'s exact solution.
+        dtype: Precision of the iteration.
+
+    Returns:
+        ``(d_out, d_in)`` weights in ``dtype``, exactly 0 where ``keep`` is False.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> X, W0 = torch.randn(50, 4), torch.randn(2, 4)
+        >>> keep = torch.tensor([[True, False, True, True], [True] * 4])
+        >>> G = X.T @ X
+        >>> W = refit_layer_pcg(W0, keep, G, tolerance=1e-6)
+        >>> torch.allclose(W.double(), refit_layer(W0, keep, G), atol=1e-4)
+        True
+    """
+    H, B = _normal_equations(W0, G, C, dampening)
+    H, B, K = H.to(dtype), B.to(dtype), keep.to(dtype)
+    W = K * (W0 if start is None else start).to(dtype)
+    b_norm = (K * B).norm(dim=1)  # (d_out,)
+    R = K * (B - W @ H)  # (d_out, d_in) residuals (H symmetric: row r is H w_r)
+    inv_diag = 1.0 / torch.diagonal(H)
+    Z = R * inv_diag
+    P = Z.clone()  # search directions
+    rz = (R * Z).sum(1, keepdim=True)  # (d_out, 1)
+    tiny = torch.finfo(dtype).tiny
+    for _ in range(max_iterations):
+        if bool((R.norm(dim=1) <= tolerance * b_norm).all()):
+            return W
+        HP = K * (P @ H)
+        alpha = rz / (P * HP).sum(1, keepdim=True).clamp_min(tiny)
+        W += alpha * P
+        R -= alpha * HP
+        Z = R * inv_diag
+        rz, rz_old = (R * Z).sum(1, keepdim=True), rz
+        P = Z + rz / rz_old.clamp_min(tiny) * P
+    late = torch.nonzero(R.norm(dim=1) > tolerance * b_norm).squeeze(1)
+    if late.numel():  # ill-conditioned rows (e.g. few calibration samples)
+        logger.info("PCG refit: %d rows solved exactly", late.numel())
+        W[late] = refit_layer(W0[late], keep[late], G, C, dampening=dampening).to(dtype)
+    return W
+
+
+def _normal_equations(
+    W0: torch.Tensor, G: torch.Tensor, C: torch.Tensor | None, dampening: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H = G + lambda I`` and the right sides ``B`` (``C w0_r + lambda w0_r``)."""
+    H, _ = dampened(G, dampening)  # (d_in, d_in)
+    C = (G if C is None else C).to(torch.float64)
+    extra = torch.diagonal(H) - torch.diagonal(G).to(torch.float64)  # lambda (+1 dead)
+    W0 = W0.to(torch.float64)
+    return H, W0 @ C.T + W0 * extra  # (d_out, d_in)
 
 
 def _chunks(rows: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
@@ -161,6 +254,7 @@ def refit(
     targets: Mapping[nn.Module, tuple[torch.Tensor, torch.Tensor]],
     *,
     target: str = "dense",
+    solver: str = "pcg",
     dampening: float = DEFAULT_DAMPENING,
     max_batch_size: int | None = None,
 ) -> float:
@@ -178,6 +272,7 @@ def refit(
             any shapes with the weight's number of elements.
         target: Whose inputs the original layer is applied to: ``dense`` (the
             dense model's) or ``current`` (the refit model's, as SparseGPT).
+        solver: ``pcg`` (from the layers' current weights) or ``exact``.
         dampening: Fraction of the mean Gram diagonal added as ``lambda``.
         max_batch_size: Largest sub-batch per forward.
 
@@ -185,12 +280,16 @@ def refit(
         Seconds spent.
 
     Raises:
-        PruningError: For an unknown ``target``.
+        PruningError: For an unknown ``target`` or ``solver``.
     """
-    if target not in REFIT_TARGETS:
-        raise PruningError(
-            f"target must be one of {', '.join(REFIT_TARGETS)}, got {target!r}"
-        )
+    for name, value, choices in (
+        ("target", target, REFIT_TARGETS),
+        ("solver", solver, REFIT_SOLVERS),
+    ):
+        if value not in choices:
+            raise PruningError(
+                f"{name} must be one of {', '.join(choices)}, got {value!r}"
+            )
     t = time.perf_counter()
     solve = 0.0
 
@@ -199,13 +298,12 @@ def refit(
         s = time.perf_counter()
         keep, w0 = targets[m]
         shape = weight_matrix_shape(m)
-        W = refit_layer(
-            w0.reshape(shape),
-            keep.reshape(shape),
-            grams.G,
-            grams.C,
-            dampening=dampening,
-        )
+        args = (w0.reshape(shape), keep.reshape(shape), grams.G, grams.C)
+        if solver == "pcg":
+            start = m.weight.detach().reshape(shape)
+            W = refit_layer_pcg(*args, dampening=dampening, start=start)
+        else:
+            W = refit_layer(*args, dampening=dampening)
         with torch.no_grad():
             m.weight.copy_(W.reshape(m.weight.shape).to(m.weight.dtype))
         solve += time.perf_counter() - s

@@ -26,9 +26,16 @@ from icbs_opt.settings import (
 DATA_ENV = "ICBS_OPT_DATA"
 _REPO = Path(__file__).resolve().parents[2]
 
-#: The digits MLP: the paper's settings, density 0.1, 300 steps of 256 weights.
+#: The digits MLP: the paper's settings, density 0.1, 300 steps of 256 weights; a
+#: refit reconstructs the dense model's layer outputs (97.8% against 68.9% for the
+#: pruned model's, docs/pruning.md).
 DIGITS_PRESET = Preset(
-    PruneConfig(density=0.1, block_size=256, **PAPER_CLASSIFIER_SETTINGS),
+    PruneConfig(
+        density=0.1,
+        block_size=256,
+        refit_target="dense",
+        **PAPER_CLASSIFIER_SETTINGS,
+    ),
     RunSettings(steps=300, eval_every=0, threads=1),
 )
 #: Causal LMs: the issue-4 recipe (Wanda per-output init, blocks of 1024, one
