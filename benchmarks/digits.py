@@ -7,13 +7,19 @@ every ``--eval-every`` steps, and prints: the accuracy-vs-steps curve per init, 
 time to reach each point (pruning only, evaluations excluded), and the mean
 per-step time split. ``--density``, ``--block-size``, ``--threads``,
 ``--blocks-per-step`` (a step is then a pass of M blocks), ``--check-pass``,
-``--check-blocks`` and ``--grad-multiplier`` replace single fields of the preset.
+``--check-blocks``, ``--grad-multiplier``, ``--pattern`` (N:M, instead of the
+density) and ``--refit`` (a refit of the kept weights after the last step, the
+table's last column) replace single fields of the preset; ``--inits`` may also
+name ``sparsegpt`` and ``random``, and ``--steps 0`` measures an init alone.
 
     python benchmarks/digits.py                       # the full table, native
     python benchmarks/digits.py --steps 300 --inits magnitude --seeds 0,1,2
     python benchmarks/digits.py --steps 4 --eval-every 2 --inits magnitude  # smoke
     python benchmarks/digits.py --steps 100 --eval-every 25 --blocks-per-step 3 \
         --inits magnitude --seeds 0,1,2         # 300 blocks, three per pass
+    python benchmarks/digits.py --steps 0 --inits magnitude,sparsegpt --refit
+    python benchmarks/digits.py --steps 300 --eval-every 300 --pattern 2:4 \
+        --inits magnitude,wanda --refit
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ PHASES = (
 def run(init: str, seed: int, args: argparse.Namespace) -> dict:
     task = get_task("digits-mlp")
     dense = task.evaluate(task.model)["metric"]
+    sparsity = {"pattern": args.pattern} if args.pattern else {"density": args.density}
     config = PRESET.replace(
-        density=args.density,
+        **sparsity,
+        refit=args.refit,
         block_size=args.block_size,
         init=init,
         seed=seed,
@@ -105,6 +113,8 @@ def main() -> None:
     parser.add_argument("--check-pass", action="store_true")
     parser.add_argument("--check-blocks", action="store_true")
     parser.add_argument("--grad-multiplier", type=float)
+    parser.add_argument("--pattern", help="N:M pattern instead of --density")
+    parser.add_argument("--refit", action="store_true", help="refit after the end")
     parser.add_argument("--json", help="also write all runs to this file")
     args = parser.parse_args()
     if args.threads is not None:
