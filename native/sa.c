@@ -441,6 +441,17 @@ static int cmp_int32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* The rounding tolerance of a descent: DESCENT_TOL times the largest possible
+ * one-flip change |Q_ll| + 2 |f_l| (or 1 when every one is 0). */
+static double descent_tol(const problem_t *p, const double *f) {
+    double scale = 0.0;
+    for (int64_t l = 0; l < p->n; l++) {
+        const double m = fabs(p->diag[l]) + 2.0 * fabs(f[l]);
+        scale = m > scale ? m : scale;
+    }
+    return DESCENT_TOL * (scale > 0.0 ? scale : 1.0);
+}
+
 /*
  * Zero-temperature finish from the state with ones idx[0..k) and fields f: for each
  * one i in turn, apply the best swap with a zero if it lowers the energy by more
@@ -455,13 +466,9 @@ static int64_t descend(const problem_t *p, work_t *w, double *energy) {
     double *f = w->field, *cost = w->cost, *one = w->one;
     memset(one, 0, (size_t)n * sizeof(double));
     for (int64_t a = 0; a < k; a++) one[ones[a]] = 1.0;
-    double scale = 0.0;
-    for (int64_t l = 0; l < n; l++) {
+    for (int64_t l = 0; l < n; l++)
         cost[l] = one[l] != 0.0 ? INFINITY : diag[l] + 2.0 * f[l];
-        const double m = fabs(diag[l]) + 2.0 * fabs(f[l]);
-        scale = m > scale ? m : scale;
-    }
-    const double tol = DESCENT_TOL * (scale > 0.0 ? scale : 1.0);
+    const double tol = descent_tol(p, f);
     int64_t swaps = 0;
     for (int64_t pass = 0; pass < n; pass++) {
         int64_t applied = 0;
@@ -551,12 +558,7 @@ static int64_t descend_groups(const problem_t *p, work_t *w, double *energy) {
     const double *Q = p->Q, *diag = p->diag;
     const int64_t n = p->n;
     double *f = w->field;
-    double scale = 0.0;
-    for (int64_t l = 0; l < n; l++) {
-        const double m = fabs(diag[l]) + 2.0 * fabs(f[l]);
-        scale = m > scale ? m : scale;
-    }
-    const double tol = DESCENT_TOL * (scale > 0.0 ? scale : 1.0);
+    const double tol = descent_tol(p, f);
     int64_t swaps = 0;
     for (int64_t pass = 0; pass < n; pass++) {
         int64_t applied = 0;
