@@ -131,19 +131,38 @@ static void test_exact_on_small_problems(void) {
     }
 }
 
-static void test_same_answer_for_any_thread_count(void) {
-    const int64_t n = 600, k = 240; /* n >= 512: restarts run in parallel */
-    double *Q = random_q(n, 7);
+static int feasible_groups(const int8_t *x, int64_t n, const int32_t *group,
+                           int64_t num_groups, const int64_t *count);
+
+/* One solve with 6 restarts (grouped when gr is given: its reported energy is
+ * checked), on num_threads threads (0: the default). */
+static int solve6(const double *Q, int64_t n, int64_t k, const icbs_sa_groups *gr,
+                  uint64_t seed, int num_threads, int8_t *x, double *e,
+                  int64_t *sweeps) {
+    icbs_sa_params p = default_params(n, seed);
+    p.num_restarts = 6;
+    if (num_threads) p.num_threads = num_threads; /* else the default */
+    icbs_sa_result r = {e, sweeps, NULL, NULL, 0, 0, 0, 0, 0};
+    if (!gr) return icbs_sa_solve(Q, n, k, NULL, &p, x, &r);
+    const int status = icbs_sa_solve_groups(Q, n, gr, NULL, &p, x, &r);
+    CHECK(fabs(energy(Q, n, x) - e[r.best_restart]) < 1e-9, "reported %.12g",
+          e[r.best_restart]);
+    return status;
+}
+
+/* 1, 2 and 3 threads give the same answer, energies and sweeps; another seed
+ * explores differently. */
+static void check_thread_invariance(const double *Q, int64_t n, int64_t k,
+                                    const icbs_sa_groups *gr) {
     int8_t x[3][600];
     double e[3][6];
     int64_t sweeps[3][6];
     for (int t = 0; t < 3; t++) {
-        icbs_sa_params p = default_params(n, 42);
-        p.num_restarts = 6;
-        p.num_threads = t + 1;
-        icbs_sa_result r = {e[t], sweeps[t], NULL, NULL, 0, 0, 0, 0, 0};
-        CHECK(icbs_sa_solve(Q, n, k, NULL, &p, x[t], &r) == ICBS_SA_OK, "threads %d",
-              t + 1);
+        CHECK(solve6(Q, n, k, gr, 42, t + 1, x[t], e[t], sweeps[t]) == ICBS_SA_OK,
+              "threads %d", t + 1);
+        if (gr)
+            CHECK(feasible_groups(x[t], n, gr->group, gr->num_groups, gr->count),
+                  "threads %d", t + 1);
     }
     for (int t = 1; t < 3; t++) {
         CHECK(memcmp(x[0], x[t], (size_t)n) == 0, "x differs with %d threads", t + 1);
@@ -152,14 +171,17 @@ static void test_same_answer_for_any_thread_count(void) {
         CHECK(memcmp(sweeps[0], sweeps[t], sizeof(sweeps[0])) == 0,
               "sweeps differ, %d threads", t + 1);
     }
-    /* A different seed explores differently. */
     int8_t y[600];
     double e2[6];
-    icbs_sa_params p = default_params(n, 43);
-    p.num_restarts = 6;
-    icbs_sa_result r = {e2, NULL, NULL, NULL, 0, 0, 0, 0, 0};
-    CHECK(icbs_sa_solve(Q, n, k, NULL, &p, y, &r) == ICBS_SA_OK, "seed 43");
+    int64_t sweeps2[6];
+    CHECK(solve6(Q, n, k, gr, 43, 0, y, e2, sweeps2) == ICBS_SA_OK, "seed 43");
     CHECK(memcmp(e[0], e2, sizeof(e2)) != 0, "seeds 42 and 43 gave the same runs");
+}
+
+static void test_same_answer_for_any_thread_count(void) {
+    const int64_t n = 600, k = 240; /* n >= 512: restarts run in parallel */
+    double *Q = random_q(n, 7);
+    check_thread_invariance(Q, n, k, NULL);
     free(Q);
 }
 
@@ -428,34 +450,7 @@ static void test_grouped_threads_and_seeds(void) {
     for (int64_t i = 0; i < n; i++) group[i] = (int32_t)(i / 4);
     for (int64_t g = 0; g < 150; g++) count[g] = 2;
     const icbs_sa_groups gr = {150, group, count};
-    int8_t x[3][600];
-    double e[3][6];
-    int64_t sweeps[3][6];
-    for (int t = 0; t < 3; t++) {
-        icbs_sa_params p = default_params(n, 42);
-        p.num_restarts = 6;
-        p.num_threads = t + 1;
-        icbs_sa_result r = {e[t], sweeps[t], NULL, NULL, 0, 0, 0, 0, 0};
-        CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, x[t], &r) == ICBS_SA_OK,
-              "threads %d", t + 1);
-        CHECK(feasible_groups(x[t], n, group, 150, count), "threads %d", t + 1);
-        CHECK(fabs(energy(Q, n, x[t]) - e[t][r.best_restart]) < 1e-9,
-              "reported %.12g", e[t][r.best_restart]);
-    }
-    for (int t = 1; t < 3; t++) {
-        CHECK(memcmp(x[0], x[t], (size_t)n) == 0, "x differs with %d threads", t + 1);
-        CHECK(memcmp(e[0], e[t], sizeof(e[0])) == 0, "energies differ, %d threads",
-              t + 1);
-        CHECK(memcmp(sweeps[0], sweeps[t], sizeof(sweeps[0])) == 0,
-              "sweeps differ, %d threads", t + 1);
-    }
-    int8_t y[600];
-    double e2[6];
-    icbs_sa_params p = default_params(n, 43);
-    p.num_restarts = 6;
-    icbs_sa_result r = {e2, NULL, NULL, NULL, 0, 0, 0, 0, 0};
-    CHECK(icbs_sa_solve_groups(Q, n, &gr, NULL, &p, y, &r) == ICBS_SA_OK, "seed 43");
-    CHECK(memcmp(e[0], e2, sizeof(e2)) != 0, "seeds 42 and 43 gave the same runs");
+    check_thread_invariance(Q, n, 0, &gr);
     free(Q);
 }
 
