@@ -25,14 +25,20 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=PRESET.config.max_batch_size)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument(
+        "--calib-data", default="c4", help="calibration corpus (wikitext2: as before)"
+    )
     p.add_argument("--backend", default="native")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", metavar="FILE")
 
 
-def load_task(args: argparse.Namespace):
-    """The task, loaded as ``icbs-opt prune --task smollm2-135m`` loads it."""
+def load_task(args: argparse.Namespace, calib_data: str | None = None):
+    """The task, loaded as ``icbs-opt prune --task smollm2-135m`` loads it.
+
+    ``calib_data`` replaces ``args.calib_data`` when given.
+    """
     release_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,6 +47,7 @@ def load_task(args: argparse.Namespace):
         eval_windows=args.eval_windows,
         calib_windows=args.calib_windows,
         batch_size=args.batch_size,
+        calib_data=calib_data or args.calib_data,
     )
 
 

@@ -30,7 +30,7 @@ from icbs_opt.problems import BlockProblem
 logger = logging.getLogger(__name__)
 
 #: File suffixes read as problems when a folder is given.
-PROBLEM_SUFFIXES = (".npz", ".ubqp", ".qubo")
+PROBLEM_SUFFIXES = (".npz", ".ubqp", ".qubo", ".cqm")
 _SUCCESS_RTOL = 1e-9
 
 
@@ -53,6 +53,7 @@ class Run:
     success: bool | None = None
     reason: str | None = None
     groups: int = 1  # cardinality groups (N:M); 1 when ungrouped
+    chain_break_fraction: float | None = None  # QPU backends (dwave-qpu, dwave-sim)
 
 
 @dataclass
@@ -102,6 +103,9 @@ class Comparison:
                 if r.raw_feasible_fraction is not None
             ]
             gaps = [r.gap for r in ok if r.gap is not None]
+            breaks = [
+                r.chain_break_fraction for r in ok if r.chain_break_fraction is not None
+            ]
             rows.append(
                 {
                     "backend": name,
@@ -117,6 +121,9 @@ class Comparison:
                     ),
                     "mean_seconds": (
                         statistics.fmean(r.seconds for r in ok) if ok else None
+                    ),
+                    "chain_break_fraction": (
+                        statistics.fmean(breaks) if breaks else None
                     ),
                 }
             )
@@ -179,11 +186,13 @@ class Harvester:
     problem as the solver sees it (``Q`` scaled by ``scale``, ``|Q| <= 1e-12``
     cut), ``k`` (and ``groups`` for an N:M block, see :meth:`BlockProblem.save`),
     the block's current mask ``x_cur`` (1 = pruned), ``layer``, ``step``,
-    ``scale``, ``const`` and ``task``.
+    ``scale``, ``const`` and ``task``. With ``fmt="cqm"`` each is written as
+    ``step{step:05d}_{layer}.cqm``, dimod's CQM file of the same problem (no meta).
 
     Args:
         directory: Folder to write to (created when missing).
         task: Task name stored with each problem.
+        fmt: ``"npz"`` or ``"cqm"``.
 
     Example:
         >>> import tempfile
@@ -196,8 +205,11 @@ class Harvester:
         ['step00001_fc.npz']
     """
 
-    def __init__(self, directory: str | os.PathLike, task: str = ""):
+    def __init__(self, directory: str | os.PathLike, task: str = "", fmt: str = "npz"):
+        if fmt not in ("npz", "cqm"):
+            raise ProblemError(f"fmt must be 'npz' or 'cqm', got {fmt!r}")
         self.directory = Path(directory)
+        self.fmt = fmt
         self.directory.mkdir(parents=True, exist_ok=True)
         self.task = task
         self.files: list[Path] = []
@@ -207,7 +219,8 @@ class Harvester:
         scaled, scale = problem.scaled()
         meta = {**problem.meta, "scale": scale, "task": self.task}
         meta["x_cur"] = np.asarray(meta.get("x_cur", []), dtype=np.int8)
-        path = self.directory / f"step{int(meta['step']):05d}_{meta['layer']}.npz"
+        name = f"step{int(meta['step']):05d}_{meta['layer']}.{self.fmt}"
+        path = self.directory / name
         counts, groups = scaled.group_counts, scaled.groups  # one group: ungrouped
         BlockProblem(scaled.Q, counts, groups=groups, meta=meta).save(path)
         self.files.append(path)
@@ -378,6 +391,7 @@ def _solve_batch(
         run.energy, run.feasible = sol.energy, sol.feasible
         run.seconds = sol.seconds
         run.raw_feasible_fraction = sol.info.get("raw_feasible_fraction")
+        run.chain_break_fraction = sol.info.get("chain_break_fraction")
         if progress is not None:
             progress(run)
 

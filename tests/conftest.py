@@ -18,14 +18,21 @@ def _missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def wikitext_dir() -> Path:
-    """The WikiText-2 folder (valid.txt, test.txt)."""
-    path = Path(
-        os.environ.get("ICBS_OPT_DATA") or REPO.parent / "shared/data/wikitext-2"
-    )
-    if not (path / "valid.txt").is_file() or not (path / "test.txt").is_file():
-        _missing(f"WikiText-2 not found in {path}; set ICBS_OPT_DATA to its folder")
+def data_root() -> Path:
+    """The data folder (wikitext-2/, c4/, zeroshot/): $ICBS_OPT_DATA or ../shared."""
+    path = Path(os.environ.get("ICBS_OPT_DATA") or REPO.parent / "shared/data")
+    needed = ["wikitext-2/valid.txt", "wikitext-2/test.txt", "c4/calibration.jsonl",
+              "c4/validation.jsonl"]  # fmt: skip
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        _missing(f"{missing[0]} not found in {path}; set ICBS_OPT_DATA to the folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir(data_root) -> Path:
+    """The WikiText-2 folder (valid.txt, test.txt)."""
+    return data_root / "wikitext-2"
 
 
 @pytest.fixture(scope="session")

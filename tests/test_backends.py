@@ -1,5 +1,6 @@
 """Every registered backend passes the shared conformance class."""
 
+import functools
 import math
 from typing import Any
 
@@ -20,6 +21,21 @@ FAST_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+@functools.cache
+def _seeded_mock_qpu() -> Any:
+    """A simulated Advantage whose annealing is seeded (for dwave-qpu's seam)."""
+    from dwave.samplers import SimulatedAnnealingSampler
+    from dwave.system.testing import MockDWaveSampler
+
+    return MockDWaveSampler(
+        topology_type="pegasus",
+        topology_shape=[16],
+        parameter_warnings=False,
+        substitute_sampler=SimulatedAnnealingSampler(),
+        substitute_kwargs={"seed": 0},
+    )
+
+
 class TestBackendConformance(BackendConformance):
     def make_backend(self, name: str, **options: Any) -> Backend:
         options = {**FAST_OPTIONS.get(name, {}), **options}
@@ -27,6 +43,12 @@ class TestBackendConformance(BackendConformance):
             from braket.devices import LocalSimulator
 
             options.setdefault("device", LocalSimulator())
+        if name == "dwave-qpu":  # the seam: a structured child sampler, no network
+            options.setdefault("sampler", _seeded_mock_qpu())
+        if name == "dwave-hybrid":  # the seam: a local sampler with sample_cqm
+            from icbs_opt.ocean import BlockCQMSampler
+
+            options.setdefault("sampler", BlockCQMSampler("native"))
         return super().make_backend(name, **options)
 
 

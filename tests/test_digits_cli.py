@@ -217,7 +217,7 @@ def test_cli_help_shows_each_task_preset(capsys):
         (["prune", "--json", "."], "output file '.' is a directory"),
         (["prune", "--seq-len", "8"], "task 'digits-mlp' does not take option"),
         (["prune", "--data-dir", "/nowhere", "--task", "smollm2-135m"],
-         "data folder '/nowhere' does not exist"),
+         "data folder '/nowhere' (--data-dir) does not exist"),
         (["evaluate", "--model", "/nowhere"], "model directory '/nowhere' does not"),
         (["evaluate", "--task", "mnist"], "unknown task 'mnist'; known tasks:"),
     ],

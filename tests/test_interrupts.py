@@ -271,18 +271,6 @@ def test_unwritable_out_fails_fast(tmp_path, capsys):
     assert "is not writable" in capsys.readouterr().err
 
 
-def test_llm_validation_windows_are_the_last_calibration_windows():
-    from icbs_opt.errors import DataError
-    from icbs_opt.tasks.causal_lm import split_validation
-
-    windows = torch.arange(20).reshape(10, 2)
-    rest, val = split_validation(windows, 3)
-    assert torch.equal(rest, windows[:7]) and torch.equal(val, windows[7:])
-    assert len(split_validation(windows, 0)[1]) == 0
-    with pytest.raises(DataError, match="val_windows must be below the 10"):
-        split_validation(windows, 10)
-
-
 def test_val_fraction_is_checked_before_loading(capsys):
     assert main(["prune", "--val-fraction", "1.5"]) == 2
     assert "val_fraction" in capsys.readouterr().err

@@ -26,7 +26,12 @@ from icbs_opt.derivatives import (  # noqa: E402
 from icbs_opt.errors import DataError  # noqa: E402
 from icbs_opt.pruning import Pruner, nonzero_density, prune  # noqa: E402
 from icbs_opt.tasks import causal_lm as llm  # noqa: E402
-from icbs_opt.tasks import get_task, task_names, task_options  # noqa: E402
+from icbs_opt.tasks import (  # noqa: E402
+    corpora,  # noqa: E402
+    get_task,
+    task_names,
+    task_options,
+)
 from icbs_opt.tasks import options as task_opts  # noqa: E402
 
 WORDS = "the cat sat on a mat and dog ran to big red house".split()
@@ -67,6 +72,17 @@ def text_dir(tmp_path):
     write_text(tmp_path / "valid.txt", 400, seed=1)
     write_text(tmp_path / "test.txt", 200, seed=2)
     return tmp_path
+
+
+def text_data(folder) -> dict:
+    """Options reading the fixture's files as the calibration and eval corpora."""
+    return {"calib_data": str(folder / "valid.txt"),
+            "eval_data": str(folder / "test.txt"), "pruning_windows": 32}  # fmt: skip
+
+
+def data_flags(folder) -> list[str]:
+    return ["--calib-data", str(folder / "valid.txt"), "--eval-data",
+            str(folder / "test.txt"), "--pruning-windows", "32"]  # fmt: skip
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -186,14 +202,12 @@ def test_perplexity_matches_hand_computation():
 
 def test_text_windows_and_batches(text_dir):
     tok = word_tokenizer()
-    W = llm.text_windows(tok, text_dir / "valid.txt", seq_len=16)
+    W = corpora.contiguous_windows(tok, text_dir / "valid.txt", seq_len=16)
     ids = tok((text_dir / "valid.txt").read_text(), add_special_tokens=False)
     assert W.shape == (400 // 16, 16)
     assert W.reshape(-1).tolist() == ids["input_ids"][: W.numel()]
-    assert llm.text_windows(tok, text_dir / "valid.txt", 16, max_windows=3).shape == (
-        3,
-        16,
-    )
+    three = corpora.contiguous_windows(tok, text_dir / "valid.txt", 16, max_windows=3)
+    assert three.shape == (3, 16)
     batches = llm.window_batches(W, 4, seed=7)
     first = [next(batches) for _ in range(6)]  # one pass = 25 // 4 = 6 batches
     again = llm.window_batches(W, 4, seed=7)
@@ -206,38 +220,28 @@ def test_text_windows_and_batches(text_dir):
         next(llm.window_batches(W, 26, seed=0))
 
 
-def test_text_errors(tmp_path, monkeypatch):
+def test_text_errors(tmp_path):
     tok = word_tokenizer()
     with pytest.raises(DataError, match="seq_len must be an integer >= 2, got 1"):
-        llm.text_windows(tok, tmp_path / "x.txt", seq_len=1)
+        corpora.contiguous_windows(tok, tmp_path / "x.txt", seq_len=1)
     short = tmp_path / "short.txt"
     short.write_text("the cat sat")
     with pytest.raises(DataError, match="fewer than one window of seq_len = 8"):
-        llm.text_windows(tok, short, seq_len=8)
-    with pytest.raises(DataError, match="cannot read text file"):
-        llm.text_windows(tok, tmp_path / "absent.txt", seq_len=8)
-    monkeypatch.delenv(task_opts.DATA_ENV, raising=False)
-    monkeypatch.setattr(task_opts, "_REPO", tmp_path / "repo")
-    with pytest.raises(DataError, match="pass --data-dir"):
-        task_opts.resolve_data_dir()
-    monkeypatch.setenv(task_opts.DATA_ENV, str(tmp_path))
-    assert task_opts.resolve_data_dir() == tmp_path
-    (tmp_path / "d").mkdir()
-    assert task_opts.resolve_data_dir(tmp_path / "d") == tmp_path / "d"
-    with pytest.raises(DataError, match="data folder '.*absent' does not exist"):
-        task_opts.resolve_data_dir(tmp_path / "absent")
+        corpora.contiguous_windows(tok, short, seq_len=8)
+    with pytest.raises(DataError, match="cannot read corpus file"):
+        corpora.contiguous_windows(tok, tmp_path / "absent.txt", seq_len=8)
 
 
 def test_missing_data_file_is_a_data_error(text_dir):
     missing = text_dir / "nope.txt"
-    with pytest.raises(DataError, match=r"nope\.txt' does not exist"):
-        task_opts.TextOptions(eval_file=str(missing))
+    with pytest.raises(DataError, match=r"corpus file '.*nope\.txt' does not exist"):
+        task_opts.TextOptions(**{**text_data(text_dir), "eval_data": str(missing)})
     empty = text_dir / "empty"
     empty.mkdir()
-    with pytest.raises(DataError, match=r"valid\.txt' does not exist"):
+    with pytest.raises(DataError, match=r"corpus 'c4' needs '.*calibration\.jsonl'"):
         task_opts.TextOptions(data_dir=str(empty))
     with pytest.raises(DataError, match="eval_windows must be an integer >= 1, got 0"):
-        task_opts.TextOptions(data_dir=str(text_dir), eval_windows=0)
+        task_opts.TextOptions(**text_data(text_dir), eval_windows=0)
 
 
 def test_not_a_causal_lm_directory(tmp_path):
@@ -283,14 +287,16 @@ def test_task_prunes_a_tiny_llama(text_dir, tmp_path):
     model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
     options = task_opts.TextOptions(
         seq_len=16,
-        data_dir=str(text_dir),
         eval_windows=4,
         calib_windows=4,
         batch_size=4,
+        save_dtype="float32",  # the saved model's perplexity: exactly the run's
+        **text_data(text_dir),
     )
     task = llm.causal_lm_task("tiny", model, tok, "tiny", options)
     assert task.metric == "perplexity" and not task.higher_is_better
-    assert task.info["eval_tokens"] == 64 and task.calibration[0].shape == (4, 16)
+    assert task.info["eval_tokens"] == {"test": 64}
+    assert task.calibration[0].shape == (4, 16)
     pruner = Pruner(
         task.model,
         task.loss_fn,
@@ -317,7 +323,7 @@ def test_task_prunes_a_tiny_llama(text_dir, tmp_path):
 
 def test_tasks_are_registered():
     assert {"smollm2-135m", "causal-lm"} <= set(task_names())
-    text = ["seq_len", "data_dir", "calib_file", "eval_file", "eval_windows"]
+    text = ["seq_len", "data_dir", "calib_data", "eval_data", "eval_windows"]
     assert task_options("smollm2-135m")[:5] == text
     assert task_options("causal-lm") == [*task_options("smollm2-135m"), "model"]
     with pytest.raises(DataError, match="does not take option 'seq_length'"):
@@ -329,31 +335,40 @@ def test_cli_evaluate(text_dir, tmp_path, capsys):
 
     model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
     llm.save_causal_lm(model, tok, tmp_path / "m")
-    args = ["evaluate", "--model", str(tmp_path / "m"), "--data-dir", str(text_dir)]
+    args = ["evaluate", "--model", str(tmp_path / "m"), *data_flags(text_dir)]
     args += ["--seq-len", "16", "--eval-windows", "3", "--calib-windows", "2"]
     assert main([*args, "--batch-size", "2", "--json", "-"]) == 0
     record = json.loads(capsys.readouterr().out)
-    windows = llm.text_windows(tok, text_dir / "test.txt", 16, 3)
+    windows = corpora.contiguous_windows(tok, text_dir / "test.txt", 16, 3)
     assert record["perplexity"] == pytest.approx(llm.perplexity(model, windows))
+    assert record["perplexity_test"] == record["perplexity"]
     assert record["task"] == "causal-lm" and record["metric"] == "perplexity"
-    assert record["density"] == 1.0 and record["info"]["eval_windows"] == 3
+    assert record["density"] == 1.0 and record["info"]["eval_windows"] == {"test": 3}
     assert main(["evaluate", "--model", str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_smollm2_task(wikitext_dir, smollm2_available):
+def test_smollm2_task(data_root, smollm2_available):
     task = get_task(
         "smollm2-135m",
-        data_dir=str(wikitext_dir),
+        data_dir=str(data_root),
         seq_len=64,
         eval_windows=2,
         calib_windows=2,
+        pruning_windows=4,
+        batch_size=2,
     )
     assert len(task.layers) == 30 * 7
     assert task.model.config.tie_word_embeddings
-    ppl = task.evaluate(task.model)["metric"]
-    assert 5 < ppl < 200
+    assert task.info["calib_data"] == "c4" and task.info["eval_data"] == [
+        "wikitext2",
+        "c4",
+    ]
+    assert not task.info["calib_windows_span_documents"]
+    scores = task.evaluate(task.model)
+    assert 5 < scores["perplexity_wikitext2"] == scores["metric"] < 200
+    assert 5 < scores["perplexity_c4"] < 200
 
 
 def test_cli_prune_model_dir_then_evaluate(text_dir, tmp_path, capsys):
@@ -361,12 +376,13 @@ def test_cli_prune_model_dir_then_evaluate(text_dir, tmp_path, capsys):
 
     model, tok = tiny_llama(vocab=len(WORDS) + 1), word_tokenizer()
     llm.save_causal_lm(model, tok, tmp_path / "m")
-    data = ["--data-dir", str(text_dir), "--seq-len", "16", "--eval-windows", "3"]
+    data = [*data_flags(text_dir), "--seq-len", "16", "--eval-windows", "3"]
     out, summary = tmp_path / "pruned", tmp_path / "s.json"
     argv = ["prune", "--model", str(tmp_path / "m"), *data, "--calib-windows", "4"]
     argv += ["--batch-size", "4", "--density", "0.5", "--steps", "2"]
     argv += ["--block-size", "8", "--backend", "exhaustive", "--no-progress"]
     argv += ["--init", "wanda_per_output", "--json", str(summary), "--out", str(out)]
+    argv += ["--save-dtype", "float32"]  # evaluate: the run's perplexity exactly
     assert main(argv) == 0, capsys.readouterr().err
     record = json.loads(summary.read_text())
     assert record["task"] == "causal-lm" and record["metric"] == "perplexity"
@@ -412,7 +428,7 @@ def test_broken_weights_are_one_line_errors(text_dir, tmp_path, capsys):
         llm.load_causal_lm(truncated)
     with pytest.raises(DataError, match="lack 21 of the model's tensors"):
         llm.load_causal_lm(foreign)
-    data = ["--data-dir", str(text_dir), "--seq-len", "16"]
+    data = [*data_flags(text_dir), "--seq-len", "16"]
     capsys.readouterr()
     for folder in (truncated, foreign):
         assert main(["evaluate", "--model", str(folder), *data]) == 2

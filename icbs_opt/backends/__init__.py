@@ -76,6 +76,11 @@ def registered_backends() -> list[str]:
 
 def _register_builtins() -> None:
     from icbs_opt.backends.braket import BraketBackend, BraketLocalBackend
+    from icbs_opt.backends.dwave import (
+        DWaveHybridBackend,
+        DWaveQPUBackend,
+        DWaveSimBackend,
+    )
     from icbs_opt.backends.exhaustive import ExhaustiveBackend
     from icbs_opt.backends.native import NativeBackend
     from icbs_opt.backends.neal import NealBackend
@@ -86,6 +91,9 @@ def _register_builtins() -> None:
         ExhaustiveBackend,
         BraketLocalBackend,
         BraketBackend,
+        DWaveSimBackend,
+        DWaveQPUBackend,
+        DWaveHybridBackend,
     ):
         register_backend(cls.name, cls)
 

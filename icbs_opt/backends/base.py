@@ -113,6 +113,35 @@ def check_workers(workers: Any, *, error: type[ValueError] = BackendError) -> in
     return check_int(workers, "workers", minimum=1, error=error)
 
 
+def best_repaired(
+    problem: BlockProblem, samples: np.ndarray
+) -> tuple[np.ndarray, float, int]:
+    """The best of the repaired samples of a penalty model, for sampling backends.
+
+    Args:
+        problem: The block problem.
+        samples: ``(m, n)`` raw 0/1 samples (``m >= 1``), e.g. a sampler's reads.
+
+    Returns:
+        The best sample after :meth:`BlockProblem.repair`, its energy, and how
+        many raw samples had every group's count before repair.
+
+    Example:
+        >>> x, e, ok = best_repaired(BlockProblem(np.eye(3), 1), np.ones((2, 3)))
+        >>> int(x.sum()), e, ok
+        (1, 1.0, 0)
+    """
+    # (m,) whether each raw sample has every group's count
+    ok = (problem.count_ones(samples) == problem.group_counts).all(axis=1)
+    best_x, best_e = None, np.inf
+    for raw in samples:
+        x = problem.repair(raw)
+        e = problem.energy(x)
+        if e < best_e:
+            best_x, best_e = x, e
+    return best_x, float(best_e), int(ok.sum())
+
+
 #: One batch of solves: the problems, their seeds and their warm starts.
 Batch = tuple[list[BlockProblem], list[int | None], list[Any]]
 

@@ -6,7 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends.base import C_INT_MAX, Backend, Option, int_option
+from icbs_opt.backends.base import (
+    C_INT_MAX,
+    Backend,
+    Option,
+    best_repaired,
+    int_option,
+)
 from icbs_opt.checks import check_float
 from icbs_opt.errors import BackendError
 from icbs_opt.problems import BlockProblem
@@ -117,16 +123,12 @@ class NealBackend(Backend):
             order = np.argsort(np.asarray(sampleset.variables))
             samples = sampleset.record.sample[:, order]  # (num_reads, n)
             tried.append(float(strength))
-            # (num_reads,) whether each raw read has every group's count
-            ok = (problem.count_ones(samples) == problem.group_counts).all(axis=1)
-            feasible += int(ok.sum())
+            x, e, ok = best_repaired(problem, samples)
+            feasible += ok
             reads += len(samples)
-            for raw in samples:
-                x = problem.repair(raw)
-                e = problem.energy(x)
-                if e < best_e:
-                    best_x, best_e, best_p = x, e, float(strength)
-            if ok.all():
+            if e < best_e:
+                best_x, best_e, best_p = x, e, float(strength)
+            if ok == len(samples):
                 break
         return best_x, {
             "penalty": best_p,

@@ -45,6 +45,8 @@ from icbs_opt.settings import (
     read_checkpoint_settings,
 )
 from icbs_opt.tasks import TaskSpec, task_names, task_spec
+from icbs_opt.tasks.options import TextOptions
+from icbs_opt.zeroshot import PAPER_TASKS, format_zero_shot
 
 #: Settings flags of `prune`: (flag, PruneConfig or RunSettings field, keywords).
 SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -170,6 +172,59 @@ def _add_task_options(
         else:
             kwargs["metavar"] = name.upper()
         group.add_argument(_flag(name), dest=f"task_{name}", default=None, **kwargs)
+    for old in REPLACED_OPTIONS:
+        group.add_argument(_flag(old), dest=f"replaced_{old}", help=argparse.SUPPRESS)
+
+
+#: Task options of earlier versions -> the message naming what replaced them.
+REPLACED_OPTIONS = {
+    "calib_file": "--calib-file was replaced by --calib-data (a corpus name: "
+    "wikitext2, c4; or a .txt/.jsonl file)",
+    "eval_file": "--eval-file was replaced by --eval-data (comma-separated corpus "
+    "names: wikitext2, c4; or .txt/.jsonl files)",
+}
+
+
+def _refuse_replaced(args: argparse.Namespace) -> None:
+    for old, message in REPLACED_OPTIONS.items():
+        if getattr(args, f"replaced_{old}", None) is not None:
+            raise DataError(message)
+
+
+def _add_zero_shot_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("zero-shot evaluation (causal LMs; lm-eval)")
+    group.add_argument(
+        "--zero-shot",
+        metavar="TASKS",
+        help="evaluate zero-shot accuracy with lm-eval on local task files: paper "
+        f"({', '.join(PAPER_TASKS)}), all (adds piqa, lambada_openai), or a "
+        "comma-separated list",
+    )
+    group.add_argument(
+        "--limit", type=int, metavar="N", help="zero-shot: first N examples per task"
+    )
+
+
+def _zero_shot_tasks(
+    args: argparse.Namespace, spec: TaskSpec, options: Any
+) -> list[str] | None:
+    """The zero-shot tasks asked for, with lm-eval and their files found."""
+    from icbs_opt.checks import check_int
+    from icbs_opt.zeroshot import check_zero_shot, resolve_zero_shot
+
+    if args.zero_shot is None:
+        if args.limit is not None:
+            raise DataError("--limit needs --zero-shot")
+        return None
+    if not isinstance(options, TextOptions):
+        raise DataError(
+            f"--zero-shot needs a causal language model; task {spec.name!r} has none"
+        )
+    if args.limit is not None:
+        check_int(args.limit, "--limit", minimum=1, error=DataError)
+    names = resolve_zero_shot(args.zero_shot)
+    check_zero_shot(names, options.data_dir)
+    return names
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
@@ -190,6 +245,12 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         "--harvest", metavar="DIR", help="save every block problem as .npz in DIR"
     )
     p.add_argument(
+        "--harvest-format",
+        choices=("npz", "cqm"),
+        default="npz",
+        help="file format of --harvest: npz (with meta) or cqm (dimod's CQM file)",
+    )
+    p.add_argument(
         "--checkpoint",
         metavar="DIR",
         help=f"write {CHECKPOINT_FILE} here (default: the --out folder)",
@@ -200,6 +261,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         help="continue the run checkpointed in DIR, with its settings and outputs",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_zero_shot_flags(p)
     group = p.add_argument_group("pruning settings (default: the task's preset)")
     for flag, dest, kwargs in SETTING_FLAGS:
         text = kwargs["help"] + _preset_default(dest)
@@ -224,6 +286,8 @@ class PrunePlan:
     Attributes:
         checkpoint: The checkpoint file this run writes (None: no place for one).
         resume: The checkpoint file this run continues (None: a new run).
+        zero_shot: Zero-shot tasks evaluated after pruning (None: none).
+        limit: Examples per zero-shot task (None: all).
     """
 
     spec: TaskSpec
@@ -235,6 +299,9 @@ class PrunePlan:
     progress: bool
     checkpoint: str | None = None
     resume: str | None = None
+    zero_shot: list[str] | None = None
+    limit: int | None = None
+    harvest_format: str = "npz"
 
     def settings(self) -> dict[str, Any]:
         """What a checkpoint keeps of the plan and a resume is compared with."""
@@ -265,8 +332,12 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
     outputs["checkpoint"] = args.checkpoint
     outputs = {k: v for k, v in outputs.items() if v is not None}
     _check_outputs(outputs)
+    _refuse_replaced(args)
     if args.resume is not None:
-        return _resume_plan(args, outputs)
+        plan = _resume_plan(args, outputs)
+        plan.zero_shot = _zero_shot_tasks(args, plan.spec, plan.options)
+        plan.limit = args.limit
+        return plan
     spec = task_spec(args.task or ("causal-lm" if args.task_model else "digits-mlp"))
     preset = spec.preset.replace(**_given_settings(args))
     checkpoint = _checkpoint_path(outputs, preset)
@@ -276,8 +347,10 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
     backend_options = parse_key_values(args.backend_option, "--backend-option")
     backend = get_backend(args.backend or "native", **backend_options)
     layers = [s.strip() for s in args.layers.split(",")] if args.layers else None
+    zero_shot = _zero_shot_tasks(args, spec, options)
     return PrunePlan(spec, options, preset, backend, layers, outputs,
-                     not args.no_progress, checkpoint)  # fmt: skip
+                     not args.no_progress, checkpoint, zero_shot=zero_shot,
+                     limit=args.limit)  # fmt: skip
 
 
 def _with_validation(task: str, options: Any) -> Any:
@@ -418,6 +491,7 @@ class _Stopper:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     plan = _plan(args)
+    plan.harvest_format = args.harvest_format
     stopper = _Stopper(plan.preset.run.time_budget)
     if not (plan.progress and sys.stderr.isatty()):
         hide_loading_bars()
@@ -442,6 +516,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         pruner.close()
     if result.stopped:
         _print_stop(plan, summary)
+    elif plan.zero_shot:  # after the outputs: an interrupt here loses nothing
+        summary["zero_shot"] = task.zero_shot(
+            task.model, plan.zero_shot, plan.limit, progress=plan.progress
+        )
+        if plan.outputs.get("json") != "-":
+            print("\n".join(format_zero_shot(summary["zero_shot"])))
+        _write_summary(plan, summary, result)
     return stopper.exit_status
 
 
@@ -469,7 +550,9 @@ def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
         backend=plan.backend,
         layers=layers,
         calibration=task.calibration,
-        problem_hook=Harvester(harvest, task.name) if harvest else None,
+        problem_hook=Harvester(harvest, task.name, plan.harvest_format)
+        if harvest
+        else None,
         config=plan.preset.config,
     )
     start = {"layers": layers, "dense": dense, "init_seconds": time.perf_counter() - t,
@@ -545,9 +628,10 @@ def _finish(
         "metric": task.metric,
         "dense": start["dense"],
         "init": {"method": config.init, "metric": init["metric"],
-                 "loss": init["loss"], "density": start["init_density"],
-                 "seconds": start["init_seconds"]},
+                 "loss": init["loss"], **_per_corpus(init),
+                 "density": start["init_density"], "seconds": start["init_seconds"]},
         "final": {"metric": final["metric"], "loss": final["loss"],
+                  **_per_corpus(final),
                   "density": nonzero_density(task.model, start["layers"]),
                   "steps": result.steps_done, "blocks": len(result.records),
                   "accepted": result.accepted, "seconds": result.seconds},
@@ -565,6 +649,11 @@ def _finish(
         "history": result.history,
         "passes": [p.to_dict() for p in result.passes],
     }  # fmt: skip
+
+
+def _per_corpus(scores: dict[str, Any]) -> dict[str, float]:
+    """The ``perplexity_<corpus>`` entries of an evaluation."""
+    return {k: v for k, v in scores.items() if k.startswith("perplexity_")}
 
 
 def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
@@ -592,14 +681,20 @@ def _print_prune_table(s: dict[str, Any]) -> None:
         f"{s['task']}: density {s['density']:g}{pattern}, backend {s['backend']}, "
         f"seed {s['seed']}"
     )
-    print(f"{'':>6}  {s['metric']:>11}  {'loss':>9}  {'density':>8}  {'seconds':>8}")
+    corpora = list(_per_corpus(s["dense"])) or ["metric"]
+    names = [c.removeprefix("perplexity_") for c in corpora]
+    if corpora == ["metric"]:
+        names = [s["metric"]]
+    head = "".join(f"  {name:>11}" for name in names)
+    print(f"{'':>6}{head}  {'loss':>9}  {'density':>8}  {'seconds':>8}")
     for label in ("dense", "init", "final"):
         r = s[label]
         seconds = f"{r['seconds']:.2f}" if "seconds" in r else "-"
-        print(
-            f"{label:>6}  {r['metric']:>11.4g}  {r['loss']:>9.4f}  "
-            f"{r['density']:>8.4f}  {seconds:>8}"
-        )
+        values = "".join(f"  {r.get(c, float('nan')):>11.4g}" for c in corpora)
+        print(f"{label:>6}{values}  {r['loss']:>9.4f}  {r['density']:>8.4f}  "
+              f"{seconds:>8}")  # fmt: skip
+    if corpora != ["metric"]:
+        print(f"perplexity on held-out text; loss: {names[0]}")
     f = s["final"]
     print(
         f"init {s['init']['method']}; {f['steps']} steps of "
@@ -637,7 +732,8 @@ def _write_outputs(
     plan: PrunePlan, task: Any, pruner: Any, summary: dict[str, Any], result: Any
 ) -> None:
     """The summary JSON, the plot, and the ``--out`` folder."""
-    if "json" in plan.outputs:
+    later = plan.zero_shot and not result.stopped  # the summary grows after this
+    if "json" in plan.outputs and not (later and plan.outputs["json"] == "-"):
         write_json(plan.outputs["json"], summary)
     if "plot" in plan.outputs:
         plot_history(summary["history"], task.metric, plan.outputs["plot"])
@@ -663,8 +759,19 @@ def _write_outputs(
         "versions": _versions(),
     }
     write_json(os.path.join(out, "prune_config.json"), run)
-    steps = [r.to_dict() for r in result.records]
-    write_json(os.path.join(out, "results.json"), {**summary, "steps": steps})
+    _write_summary(plan, summary, result, json_too=False)
+
+
+def _write_summary(
+    plan: PrunePlan, summary: dict[str, Any], result: Any, json_too: bool = True
+) -> None:
+    """``--json`` (when ``json_too``) and the ``--out`` folder's ``results.json``."""
+    if json_too and "json" in plan.outputs:
+        write_json(plan.outputs["json"], summary)
+    if "out" in plan.outputs:
+        steps = [r.to_dict() for r in result.records]
+        path = os.path.join(plan.outputs["out"], "results.json")
+        write_json(path, {**summary, "steps": steps})
 
 
 def plot_history(history: Sequence[dict[str, float]], metric: str, path: str) -> None:
@@ -721,13 +828,15 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     src.add_argument("--task", help=f"a task's dense model: {', '.join(task_names())}")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_json_flag(p, "the result")
-    _add_task_options(p, exclude=("model",))
+    _add_zero_shot_flags(p)
+    _add_task_options(p, exclude=("model", "save_dtype", "save_format"))
     p.set_defaults(func=_cmd_evaluate)
 
 
-def _evaluate_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
-    """The task name and a loader of the task with the model to evaluate."""
+def _evaluate_target(args: argparse.Namespace) -> tuple[TaskSpec, Any, Callable]:
+    """The task, its validated options and a loader of the task to evaluate."""
     from icbs_opt.tasks import load_saved_task
 
     given = _given_task_options(args)
@@ -735,21 +844,25 @@ def _evaluate_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
     if args.task is not None:
         spec = task_spec(args.task)
         options = spec.make_options(**given)
-        return args.task, lambda: spec.build(options)
+        return spec, options, lambda: spec.build(options)
     folder = Path(args.task_model)
     saved = folder / "prune_config.json"
     if not saved.is_file():  # a plain Hugging Face model folder
         spec = task_spec("causal-lm")
         options = spec.make_options(**{**given, "model": str(folder)})
-        return "causal-lm", lambda: spec.build(options)
+        return spec, options, lambda: spec.build(options)
     try:
         run = json.loads(saved.read_text(encoding="utf-8"))
-        name, options = run["task"], {**run["task_options"], **given}
+        spec, saved_options = task_spec(run["task"]), dict(run["task_options"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"cannot read the run settings {str(saved)!r}: {exc}") from exc
-    if "model" in options:  # the pruned model is the folder itself
-        options["model"] = str(folder)
-    return name, lambda: load_saved_task(name, folder, **options)
+    for old in REPLACED_OPTIONS:  # a run of an earlier version: its text files
+        saved_options.pop(old, None)  # are replaced by the default corpora
+    if "model" in saved_options:  # the pruned model is the folder itself
+        saved_options["model"] = str(folder)
+    options = spec.make_options(**{**saved_options, **given})
+    fields = dataclasses.asdict(options)
+    return spec, options, lambda: load_saved_task(spec.name, folder, **fields)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -758,8 +871,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         check_int(args.threads, "--threads", minimum=1, error=PruningError)
-    name, load = _evaluate_target(args)
-    if not sys.stderr.isatty():
+    _refuse_replaced(args)
+    spec, options, load = _evaluate_target(args)
+    zero_shot = _zero_shot_tasks(args, spec, options)
+    name = spec.name
+    if args.no_progress or not sys.stderr.isatty():
         hide_loading_bars()
     import torch
 
@@ -773,17 +889,32 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "metric": task.metric,
         task.metric: scores["metric"],
         "loss": scores["loss"],
+        **_per_corpus(scores),
         "density": nonzero_density(task.model, task.layers),
         "pattern": sparsity_pattern(task.model, task.layers),
         "layers": len(task.layers),
         "info": task.info,
     }
+    if zero_shot:
+        progress = not args.no_progress and sys.stderr.isatty()
+        result["zero_shot"] = task.zero_shot(
+            task.model, zero_shot, args.limit, progress=progress
+        )
     if args.json is not None:
         write_json(args.json, result)
     if args.json != "-":
-        print(
-            f"{name}: {task.metric} {scores['metric']:.4f}, loss "
-            f"{scores['loss']:.4f}, density {result['density']:.4f} "
-            f"({result['pattern']}) over {len(task.layers)} prunable layers"
+        each = ", ".join(
+            f"{k.removeprefix('perplexity_')} {v:.4f}"
+            for k, v in _per_corpus(scores).items()
         )
+        metric = (
+            f"{task.metric} {each}" if each else f"{task.metric} {scores['metric']:.4f}"
+        )
+        print(
+            f"{name}: {metric}, loss {scores['loss']:.4f}, density "
+            f"{result['density']:.4f} ({result['pattern']}) over "
+            f"{len(task.layers)} prunable layers"
+        )
+        if zero_shot:
+            print("\n".join(format_zero_shot(result["zero_shot"])))
     return 0

@@ -68,10 +68,13 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- solve
 def add_solve(sub: argparse._SubParsersAction) -> None:
     """Add the ``solve`` command."""
-    p = sub.add_parser("solve", help="solve one block problem file (.npz or UBQP text)")
+    p = sub.add_parser(
+        "solve", help="solve one block problem file (.npz, UBQP text or .cqm)"
+    )
     p.add_argument(
         "file",
-        help="problem file: .npz (arrays Q, k and, when grouped, groups) or UBQP text",
+        help="problem file: .npz (arrays Q, k and, when grouped, groups), UBQP "
+        "text or a dimod .cqm file",
     )
     p.add_argument("--backend", default="native", help="backend name (default native)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -126,7 +129,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="problem files and/or folders of .npz/.ubqp files",
+        help="problem files and/or folders of .npz/.ubqp/.qubo/.cqm files",
     )
     p.add_argument(
         "--backends",

@@ -7,6 +7,7 @@ With groups (N:M sparsity) the constraint is one count per group:
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,60 @@ def _check_constraints(k: Any, groups: Any, n: int) -> tuple[np.ndarray, np.ndar
         return np.zeros(n, dtype=np.int64), np.array([k], dtype=np.int64)
     groups = _check_groups(groups, n)
     return groups, _check_counts(k, np.bincount(groups))
+
+
+def _cqm_group_order(cqm: Any, index: Mapping[Any, int]) -> list[tuple[Any, Any]]:
+    """The constraints of a CQM in group order, the same after a file round trip.
+
+    dimod's CQM files do not keep the order of constraints, so group ``g`` is the
+    constraint labelled ``group_g`` when the labels are those :meth:`to_cqm`
+    writes, and otherwise groups follow the lowest index of their variables.
+    """
+    items = list(cqm.constraints.items())
+    ours = {f"group_{g}": g for g in range(len(items))}
+    if all(label in ours for label, _ in items):
+        return sorted(items, key=lambda item: ours[item[0]])
+    return sorted(
+        items,
+        key=lambda item: min((index[v] for v in item[1].lhs.variables), default=-1),
+    )
+
+
+def _cqm_count(label: Any, comparison: Any) -> int:
+    """``k`` of a CQM constraint ``sum(x) == k``; refuses any other constraint."""
+    import dimod
+
+    lhs = comparison.lhs
+    if lhs.is_soft():
+        raise ProblemError(
+            f"constraint {label!r} is soft (weighted); only hard constraints "
+            "sum(x) == k are accepted"
+        )
+    if comparison.sense is not dimod.sym.Sense.Eq:
+        raise ProblemError(
+            f"constraint {label!r} must be an equality '==', got "
+            f"'{comparison.sense.value}'"
+        )
+    if lhs.num_interactions:
+        raise ProblemError(
+            f"constraint {label!r} must be linear sum(x) == k, got "
+            f"{lhs.num_interactions} quadratic term(s)"
+        )
+    for v, bias in lhs.iter_linear():
+        if bias != 1:
+            raise ProblemError(
+                f"constraint {label!r} must have every coefficient 1, got {bias:g} "
+                f"on variable {v!r}"
+            )
+    if not lhs.num_variables:
+        raise ProblemError(f"constraint {label!r} has no variables")
+    k = comparison.rhs - lhs.offset
+    if not (float(k).is_integer() and 0 <= k <= lhs.num_variables):
+        raise ProblemError(
+            f"constraint {label!r} must have an integer right-hand side k in "
+            f"[0, {lhs.num_variables}] (its variables), got {k:g}"
+        )
+    return int(k)
 
 
 def _short(values: np.ndarray, limit: int = 6) -> str:
@@ -440,6 +495,98 @@ class BlockProblem:
         J = quad / 4.0
         return h, J, float(offset + linear.sum() / 2.0 + quad.sum() / 4.0)
 
+    def to_cqm(self) -> dimod.ConstrainedQuadraticModel:
+        """Return the problem as a dimod ``ConstrainedQuadraticModel``.
+
+        The objective is ``x^T Q x`` (``to_bqm(0)``) on BINARY variables
+        ``0 .. n-1``, with one constraint ``sum_{i in g} x_i == k_g`` per group,
+        labelled ``"cardinality"`` when ungrouped and ``"group_0"``, ``"group_1"``,
+        ... otherwise.
+
+        Example:
+            >>> cqm = BlockProblem([[1.0, -2.0], [-2.0, 1.0]], k=1).to_cqm()
+            >>> list(cqm.constraints), float(cqm.objective.energy({0: 1, 1: 1}))
+            (['cardinality'], -2.0)
+        """
+        import dimod
+
+        cqm = dimod.ConstrainedQuadraticModel()
+        cqm.set_objective(self.to_bqm(0.0))
+        for g, (members, count) in enumerate(
+            zip(self._members, self._counts, strict=True)
+        ):
+            label = f"group_{g}" if self.is_grouped else "cardinality"
+            terms = [(int(i), 1) for i in members]
+            cqm.add_constraint_from_iterable(terms, "==", rhs=int(count), label=label)
+        return cqm
+
+    @classmethod
+    def from_cqm(cls, cqm: dimod.ConstrainedQuadraticModel) -> BlockProblem:
+        """Read a problem from a CQM of the form :meth:`to_cqm` writes.
+
+        Variable ``i`` of the problem is the ``i``-th of ``cqm.variables``. Group
+        ``g`` is the constraint labelled ``group_g`` (as :meth:`to_cqm` writes),
+        or for other labels the constraints are numbered in the order of their
+        lowest variable (dimod's files do not keep constraint order).
+
+        Accepted: BINARY variables, an objective without offset, and hard
+        equality constraints ``sum(x) == k`` with all coefficients 1 over
+        disjoint sets of variables that together hold every variable.
+
+        Raises:
+            ProblemError: Naming the first constraint or variable that breaks
+                the form, e.g. ``constraint 'c1' must be an equality '==', got
+                '<='``.
+        """
+        import dimod
+
+        if not isinstance(cqm, dimod.ConstrainedQuadraticModel):
+            raise ProblemError(
+                f"expected a dimod ConstrainedQuadraticModel, got {type(cqm).__name__}"
+            )
+        labels = list(cqm.variables)
+        if not labels:
+            raise ProblemError("the CQM has no variables; a problem needs n >= 1")
+        index = {v: i for i, v in enumerate(labels)}
+        for v in labels:
+            if cqm.vartype(v) is not dimod.BINARY:
+                raise ProblemError(
+                    f"variable {v!r} must be BINARY, got {cqm.vartype(v).name}"
+                )
+        groups = np.full(len(labels), -1, dtype=np.int64)
+        counts = []
+        constraints = _cqm_group_order(cqm, index)
+        for g, (label, comparison) in enumerate(constraints):
+            counts.append(_cqm_count(label, comparison))
+            for v in comparison.lhs.variables:
+                if groups[index[v]] >= 0:
+                    other = constraints[groups[index[v]]][0]
+                    raise ProblemError(
+                        f"constraint {label!r}: variable {v!r} is also in constraint "
+                        f"{other!r}; the groups of sum(x) == k must be disjoint"
+                    )
+                groups[index[v]] = g
+        free = np.flatnonzero(groups < 0)
+        if free.size:
+            raise ProblemError(
+                f"variable {labels[free[0]]!r} is in no constraint; every variable "
+                "must be in exactly one constraint sum(x) == k"
+            )
+        objective = cqm.objective
+        if objective.offset != 0:
+            raise ProblemError(
+                f"the objective x^T Q x has no offset, got offset {objective.offset}"
+            )
+        Q = np.zeros((len(labels), len(labels)))
+        Q[np.diag_indices(len(labels))] = [objective.get_linear(v) for v in labels]
+        for u, v, bias in objective.iter_quadratic():
+            Q[index[u], index[v]] += bias / 2.0
+            Q[index[v], index[u]] += bias / 2.0
+        grouped = len(counts) > 1
+        return cls(
+            Q, counts if grouped else counts[0], groups=groups if grouped else None
+        )
+
     # ------------------------------------------------------- samples and repair
     def decode(self, sample: Any) -> np.ndarray:
         """Turn a sample (mapping ``i -> value`` or a sequence) into a 0/1 vector.
@@ -585,13 +732,24 @@ class BlockProblem:
         ``(n,)`` array ``groups`` and ``k`` is then the ``(G,)`` counts. As
         :func:`numpy.savez`, ``.npz`` is appended to a path without it. The write
         is atomic (:func:`icbs_opt.atomic.atomic_write`).
+
+        A path ending in ``.cqm`` is written in dimod's CQM file format instead
+        (:meth:`to_cqm`, ``ConstrainedQuadraticModel.to_file``); it keeps Q, the
+        counts and the groups, not ``meta``.
         """
+        path = os.fspath(path)
+        if path.endswith(".cqm"):
+            atomic_write(
+                path,
+                lambda f: shutil.copyfileobj(self.to_cqm().to_file(), f),
+                binary=True,
+            )
+            return
         reserved = {"Q", "k", "groups"} & set(self._meta)
         if reserved:
             raise ProblemError(
                 f"meta keys {sorted(reserved)} clash with the arrays Q, k and groups"
             )
-        path = os.fspath(path)
         arrays: dict[str, Any] = {"Q": self._Q, "k": np.int64(self._k)}
         if self.is_grouped:
             arrays.update(k=self._counts, groups=self._groups)
@@ -631,10 +789,11 @@ class BlockProblem:
     def load(
         cls, path: str | os.PathLike, *, k: int | Sequence[int] | None = None
     ) -> BlockProblem:
-        """Read a problem from ``.npz`` or UBQP text (``.ubqp``, ``.txt``, ``.qubo``).
+        """Read a problem from ``.npz``, UBQP text or a dimod CQM file.
 
-        Groups stored in the file (see :meth:`save` and :meth:`to_ubqp`) are read
-        with it.
+        UBQP text is any other suffix (``.ubqp``, ``.txt``, ``.qubo``); ``.cqm``
+        is read by :meth:`from_cqm`. Groups stored in the file (see :meth:`save`
+        and :meth:`to_ubqp`) are read with it.
 
         Args:
             path: The file.
@@ -667,7 +826,25 @@ class BlockProblem:
             pass
         if path.endswith(".npz"):
             return cls._load_npz(path, k)
+        if path.endswith(".cqm"):
+            return cls._load_cqm(path, k)
         return cls._load_ubqp(path, k)
+
+    @classmethod
+    def _load_cqm(cls, path: str, k: Any) -> BlockProblem:
+        import dimod
+
+        try:
+            with open(path, "rb") as f:
+                cqm = dimod.ConstrainedQuadraticModel.from_file(f)
+        except OSError:
+            raise
+        except Exception as exc:  # dimod raises many types on a bad file
+            raise ProblemError(f"not a dimod CQM file ({exc})") from exc
+        problem = cls.from_cqm(cqm)
+        if k is None:
+            return problem
+        return cls(problem.Q, k, groups=problem.groups if problem.is_grouped else None)
 
     @classmethod
     def _load_npz(cls, path: str, k: Any) -> BlockProblem:

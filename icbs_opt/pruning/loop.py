@@ -192,8 +192,8 @@ def _scorer(
     def score(step: int) -> None:
         point: dict[str, float] = {"step": step}
         if evaluate is not None:
-            got = evaluate(pruner.model)
-            point.update(metric=float(got["metric"]), loss=float(got["loss"]))
+            got = evaluate(pruner.model)  # metric, loss and any per-corpus scores
+            point.update({key: float(value) for key, value in got.items()})
         if validate is not None:
             got = validate(pruner.model)
             value = float(got["metric"])

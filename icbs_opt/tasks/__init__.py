@@ -69,6 +69,10 @@ class Task:
         validate: Like ``evaluate``, on the held-out validation split that
             neither the pruning batches nor the calibration use (None: the
             task's options hold out none; see ``with_validation``).
+        zero_shot: ``zero_shot(model, tasks, limit, **options) -> results`` runs
+            zero-shot tasks on the model
+            (:func:`icbs_opt.zeroshot.evaluate_zero_shot`; None: the task has
+            none, as classifiers).
     """
 
     name: str
@@ -83,6 +87,7 @@ class Task:
     higher_is_better: bool = True
     info: dict[str, Any] = field(default_factory=dict)
     validate: Callable[[nn.Module], dict[str, float]] | None = None
+    zero_shot: Callable[..., dict[str, Any]] | None = None
 
     def batches(self, seed: int = 0) -> Iterator[tuple[Any, Any]]:
         """Endless seeded iterator of pruning batches."""

