@@ -198,7 +198,7 @@ class DaskExecutor(Executor):
         for problem in problems:  # fail here, before anything is sent
             backend.check_size(problem)
         jobs = [
-            (p.Q, p.k, None if x is None else np.asarray(x), s)
+            (p.to_arrays(), None if x is None else np.asarray(x), s)
             for p, s, x in zip(problems, seeds, x0s, strict=True)
         ]
         results: list[Any] = [None] * len(jobs)
@@ -318,12 +318,11 @@ def _solve_on_worker(
     version: str,
     name: str,
     parameters: dict[str, Any],
-    Q: np.ndarray,  # noqa: N803 - the matrix is called Q in the paper
-    k: int,
+    arrays: dict[str, Any],
     x0: np.ndarray | None,
     seed: int | None,
 ) -> Solution:
-    """One Dask task: rebuild the backend and the problem, then solve."""
+    """One Dask task: rebuild the backend and the problem (groups too), then solve."""
     from icbs_opt import __version__
 
     if version != __version__:
@@ -332,4 +331,4 @@ def _solve_on_worker(
             f"client {version}; install the same version on every worker"
         )
     backend = get_backend(name, **parameters)
-    return backend.solve(BlockProblem(Q, k), seed=seed, x0=x0)
+    return backend.solve(BlockProblem.from_arrays(arrays), seed=seed, x0=x0)

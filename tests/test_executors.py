@@ -134,7 +134,23 @@ def test_dask_basics(dask_executor):
 
 def test_worker_checks_the_version():
     with pytest.raises(ExecutorUnavailable, match="install the same version"):
-        _solve_on_worker("0.0.0", "exhaustive", {}, np.eye(2), 1, None, 0)
+        arrays = BlockProblem(np.eye(2), 1).to_arrays()
+        _solve_on_worker("0.0.0", "exhaustive", {}, arrays, None, 0)
+
+
+@pytest.mark.parametrize("name", ["native", "exhaustive", "neal"])
+def test_grouped_problems_keep_their_groups_on_dask(name, dask_executor):
+    # N:M blocks: each group of 4 keeps 2 (k = 2 per group), or counts per group
+    problems = [random_problem(8, 2, seed=1, group_size=4),
+                random_problem(12, [1, 2, 3], seed=2, group_size=4)]  # fmt: skip
+    backend = make_backend(name)
+    serial = [backend.solve(p, seed=5) for p in problems]
+    got = dask_executor.solve_many(backend, problems, [5, 5])
+    assert_same(serial, got)
+    for problem, solution in zip(problems, got, strict=True):
+        counts = problem.count_ones(solution.x)
+        assert counts.tolist() == problem.group_counts.tolist()
+        assert solution.energy == pytest.approx(problem.energy(solution.x))
 
 
 def test_compare_cli_on_the_cluster(cluster, tmp_path, capsys):

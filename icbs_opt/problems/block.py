@@ -745,6 +745,26 @@ class BlockProblem:
                 binary=True,
             )
             return
+        arrays = self.to_arrays()
+        target = path if path.endswith(".npz") else path + ".npz"
+        atomic_write(target, lambda f: np.savez(f, **arrays), binary=True)
+
+    def to_arrays(self) -> dict[str, Any]:
+        """The problem as named arrays: ``Q``, ``k``, ``groups`` and the meta.
+
+        ``k`` is a scalar when ungrouped; a grouped problem has the ``(n,)`` array
+        ``groups`` and ``k`` is the ``(G,)`` counts. This is the one form of
+        ``.npz`` files and of problems sent to Dask workers;
+        :meth:`from_arrays` reads it back.
+
+        Raises:
+            ProblemError: If a meta key is ``Q``, ``k`` or ``groups``.
+
+        Example:
+            >>> p = BlockProblem([[1.0, 0], [0, 2.0]], 1, groups=[0, 1])
+            >>> BlockProblem.from_arrays(p.to_arrays()).group_counts.tolist()
+            [1, 0]
+        """
         reserved = {"Q", "k", "groups"} & set(self._meta)
         if reserved:
             raise ProblemError(
@@ -754,8 +774,35 @@ class BlockProblem:
         if self.is_grouped:
             arrays.update(k=self._counts, groups=self._groups)
         arrays.update(self._meta)
-        target = path if path.endswith(".npz") else path + ".npz"
-        atomic_write(target, lambda f: np.savez(f, **arrays), binary=True)
+        return arrays
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, Any], *, k: int | Sequence[int] | None = None
+    ) -> BlockProblem:
+        """The problem of :meth:`to_arrays`'s form; ``k`` replaces the stored one.
+
+        Raises:
+            ProblemError: If ``Q`` or ``k`` is missing, or ``k`` is an array
+                without ``groups``.
+        """
+        arrays = dict(arrays)
+        if "Q" not in arrays or ("k" not in arrays and k is None):
+            raise ProblemError(f"must hold arrays 'Q' and 'k', found {sorted(arrays)}")
+        Q = arrays.pop("Q")
+        k_stored = np.asarray(arrays.pop("k", 0))
+        groups = arrays.pop("groups", None)
+        if k is None and groups is None and k_stored.ndim != 0:
+            raise ProblemError(
+                f"k must be a single integer, got an array of shape {k_stored.shape}"
+            )
+        if k is None:
+            k = k_stored.item() if k_stored.ndim == 0 else k_stored
+        meta = {
+            key: (val.item() if isinstance(val, np.ndarray) and val.ndim == 0 else val)
+            for key, val in arrays.items()
+        }
+        return cls(Q, k, groups=groups, meta=meta)
 
     def to_ubqp(self, path: str | os.PathLike) -> None:
         """Write the problem in the UBQP text format.
@@ -860,21 +907,7 @@ class BlockProblem:
             raise ProblemError(
                 f"not an .npz archive: member {others[0]!r} is not a .npy array"
             )
-        if "Q" not in arrays or ("k" not in arrays and k is None):
-            raise ProblemError(f"must hold arrays 'Q' and 'k', found {sorted(arrays)}")
-        Q = arrays.pop("Q")
-        k_file = arrays.pop("k", None)
-        groups = arrays.pop("groups", None)
-        if k is None and groups is None and k_file.ndim != 0:
-            raise ProblemError(
-                f"k must be a single integer, got an array of shape {k_file.shape}"
-            )
-        if k is None:
-            k = k_file.item() if k_file.ndim == 0 else k_file
-        meta = {
-            key: (val.item() if val.ndim == 0 else val) for key, val in arrays.items()
-        }
-        return cls(Q, k, groups=groups, meta=meta)
+        return cls.from_arrays(arrays, k=k)
 
     @classmethod
     def _load_ubqp(cls, path: str, k: Any) -> BlockProblem:
