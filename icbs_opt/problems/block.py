@@ -761,7 +761,7 @@ class BlockProblem:
             ProblemError: If a meta key is ``Q``, ``k`` or ``groups``.
 
         Example:
-            >>> p = BlockProblem([[1.0, 0], [0, 2.0]], 1, groups=[0, 1])
+            >>> p = BlockProblem(np.eye(3), [1, 0], groups=[0, 0, 1])
             >>> BlockProblem.from_arrays(p.to_arrays()).group_counts.tolist()
             [1, 0]
         """
