@@ -176,6 +176,7 @@ def test_resume_with_another_setting_is_refused(cache, tmp_path, capsys):
         ("--batch-size", "100", "--batch-size"),
         ("--seed", "1", "--seed"),
         ("--backend", "exhaustive", "--backend"),
+        ("--ridge", "0.5", "--ridge"),
     ):
         capsys.readouterr()
         assert main(["prune", "--resume", str(out), flag, value]) == 2

@@ -133,6 +133,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _setting_flag(name: str) -> str:
+    """The flag of a setting or task option (``ridge_multiplier``: ``--ridge``)."""
+    return next((flag for flag, dest, _ in SETTING_FLAGS if dest == name), _flag(name))
+
+
 def _option_fields() -> dict[str, dataclasses.Field]:
     """Every task option of every registered task, by name (first help wins)."""
     fields: dict[str, dataclasses.Field] = {}
@@ -428,8 +433,8 @@ def _refuse_changes(saved: dict[str, Any], given: dict[str, Any]) -> None:
     for key, value in new.items():
         if key not in RESUME_MAY_CHANGE and value != old.get(key):
             raise PruningError(
-                f"cannot resume with {_flag(key)} {value!r}: the checkpoint's run "
-                f"has {old.get(key)!r} (only --time-budget and --checkpoint-every "
+                f"cannot resume with {_setting_flag(key)} {value!r}: the checkpoint's "
+                f"run has {old.get(key)!r} (only --time-budget and --checkpoint-every "
                 "may change)"
             )
 

@@ -53,7 +53,7 @@ from icbs_opt.derivatives import LossFn, weight_matrix_shape
 from icbs_opt.errors import PruningError
 from icbs_opt.pruning.sequential import LayerGrams, sequential_update
 from icbs_opt.pruning.sparsegpt import DEFAULT_DAMPENING, dampened
-from icbs_opt.settings import REFIT_SOLVERS, REFIT_TARGETS
+from icbs_opt.settings import REFIT_SOLVERS, REFIT_TARGETS, PruneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +253,8 @@ def refit(
     y: Any,
     targets: Mapping[nn.Module, tuple[torch.Tensor, torch.Tensor]],
     *,
-    target: str = "dense",
-    solver: str = "pcg",
+    target: str = PruneConfig.refit_target,
+    solver: str = PruneConfig.refit_solver,
     dampening: float = DEFAULT_DAMPENING,
     max_batch_size: int | None = None,
 ) -> float:
