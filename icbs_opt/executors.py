@@ -280,13 +280,26 @@ def make_executor(
     """
     if workers is not None:
         workers = _check_workers(workers)
-    if spec is None or spec == "threads":
+    address = executor_address(spec)
+    if address is None:
         return ThreadExecutor(workers)
+    return DaskExecutor(address, workers=workers, timeout=timeout)
+
+
+def executor_address(spec: str | None) -> str | None:
+    """The Dask scheduler address ``spec`` names (None: threads), unconnected.
+
+    Raises:
+        ExecutorError: For an unknown spec.
+        ExecutorUnavailable: If it names Dask and ``distributed`` is missing.
+    """
+    if spec is None or spec == "threads":
+        return None
     match = _ADDRESS.match(spec.strip()) if isinstance(spec, str) else None
     if match is None or not 1 <= int(match["port"]) <= 65535:
         raise ExecutorError(f"unknown executor {spec!r}; use {_FORMS}")
-    address = f"tcp://{match['host']}:{int(match['port'])}"
-    return DaskExecutor(address, workers=workers, timeout=timeout)
+    _import_distributed()
+    return f"tcp://{match['host']}:{int(match['port'])}"
 
 
 def _check_workers(workers: Any) -> int:

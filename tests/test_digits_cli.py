@@ -220,6 +220,7 @@ def test_cli_help_shows_each_task_preset(capsys):
          "data folder '/nowhere' (--data-dir) does not exist"),
         (["evaluate", "--model", "/nowhere"], "model directory '/nowhere' does not"),
         (["evaluate", "--task", "mnist"], "unknown task 'mnist'; known tasks:"),
+        (["prune", "--executor", "mpi://x"], "unknown executor 'mpi://x'; use"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_fails_fast_in_one_line(argv, message, capsys, monkeypatch):

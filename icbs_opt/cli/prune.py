@@ -36,6 +36,7 @@ from icbs_opt.cli.common import (
     write_json,
 )
 from icbs_opt.errors import DataError, PruningError
+from icbs_opt.executors import executor_address
 from icbs_opt.settings import (
     CHECKPOINT_FILE,
     Preset,
@@ -345,6 +346,7 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
         return plan
     spec = task_spec(args.task or ("causal-lm" if args.task_model else "digits-mlp"))
     preset = spec.preset.replace(**_given_settings(args))
+    executor_address(preset.config.executor)  # a bad --executor fails now
     checkpoint = _checkpoint_path(outputs, preset)
     options = spec.make_options(**_given_task_options(args))
     if preset.run.keep_best:
@@ -400,6 +402,7 @@ def _resume_plan(args: argparse.Namespace, outputs: dict[str, str]) -> PrunePlan
     base = Preset(PruneConfig(**saved["config"]), RunSettings(**saved["run"]))
     saved.update(base.to_dict())  # fields added since it was written: defaults
     preset = base.replace(**_given_settings(args))
+    executor_address(preset.config.executor)
     outputs = {**saved["outputs"], **outputs}
     checkpoint = _checkpoint_path(outputs, preset)
     options = spec.make_options(
