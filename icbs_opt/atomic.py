@@ -9,6 +9,7 @@ refused rather than followed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -121,3 +122,12 @@ def atomic_write(
 def json_default(value: Any) -> Any:
     """JSON fallback: numpy scalars and arrays as lists, anything else as text."""
     return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` with :func:`atomic_write`.
+
+    Numpy values are written as lists and numbers (:func:`json_default`).
+    """
+    text = json.dumps(data, indent=2, default=json_default)
+    atomic_write(os.fspath(path), lambda f: f.write(text + "\n"))

@@ -14,14 +14,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 from icbs_opt.checks import check_float, check_int
-from icbs_opt.errors import DataError, PruningError
+from icbs_opt.errors import PruningError
 
 #: Hessian models of DESIGN step 3.
 HESSIAN_MODELS = ("gradient_per_sample", "gradient_mean", "exact", "exact_piecewise")
@@ -44,6 +41,22 @@ REFIT_TARGETS = ("dense", "current")
 REFIT_SOLVERS = ("pcg", "exact")
 #: The pattern without groups; any other is ``"N:M"`` (DESIGN "N:M patterns").
 UNSTRUCTURED = "unstructured"
+
+
+def setting(
+    default: Any, help: str, *, flag: str | None = None, metavar: str | None = None
+) -> Any:
+    """A dataclass field of a setting or task option, with its command-line flag.
+
+    The flag is ``--field-name`` unless ``flag`` names another; ``help`` is its
+    help text (:mod:`icbs_opt.cli.flags` makes the flags from these fields).
+
+    Example:
+        >>> dataclasses.fields(PruneConfig)[0].metadata["help"][:20]
+        'fraction of weights '
+    """
+    metadata = {"help": help, "flag": flag, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def parse_pattern(pattern: Any) -> tuple[int, int] | None:
@@ -146,34 +159,76 @@ class PruneConfig:
         seed: Seed of every random choice (init, layer, block, solver).
     """
 
-    density: float | None = None
-    pattern: str = UNSTRUCTURED
-    block_size: int = 256
-    k: int | None = None
-    init: str = "magnitude"
-    selection: str = "random"
-    hessian: str = "gradient_per_sample"
-    grad_multiplier: float = 1.0
-    ridge_multiplier: float = 0.0
-    tabu_frac: float = 0.0
-    fix_frac_prune: float = 0.0
-    fix_frac_keep: float = 0.0
-    schedule: str = "uniform"
-    min_steps_per_layer: int = 1
-    remove_zero_rows: bool = False
-    max_batch_size: int | None = None
-    hessian_chunk_size: int = 32
-    blocks_per_step: int = 1
-    workers: int | None = None
-    executor: str | None = None
-    tape_dtype: str = "float32"
-    check_pass: bool = False
-    check_blocks: bool = False
-    refit: bool = False
-    refit_every: int = 0
-    refit_target: str = "current"
-    refit_solver: str = "pcg"
-    seed: int = 0
+    density: float | None = setting(
+        None, "fraction of weights kept (with --pattern N:M: N/M unless given)"
+    )
+    pattern: str = setting(
+        UNSTRUCTURED,
+        "unstructured, or N:M (e.g. 2:4): keep N of every M consecutive weights "
+        "of a row; sets --density to N/M",
+        metavar="N:M",
+    )
+    block_size: int = setting(256, "weights per block, n")
+    k: int | None = setting(
+        None,
+        "pruned weights per block (n // 2 if unset; with --pattern N:M it is "
+        "n (M-N)/M)",
+        flag="--k",
+    )
+    init: str = setting(
+        "magnitude",
+        "initial mask: magnitude, wanda, gradient, random; the first three also "
+        "*_per_output, *_per_input; or sparsegpt (mask and updated weights)",
+    )
+    selection: str = setting("random", "gradient, magnitude, wanda or random")
+    hessian: str = setting(
+        "gradient_per_sample",
+        "gradient_per_sample, gradient_mean, exact or exact_piecewise",
+    )
+    grad_multiplier: float = setting(1.0, "lambda_g")
+    ridge_multiplier: float = setting(0.0, "lambda_r", flag="--ridge")
+    tabu_frac: float = setting(0.0, "tabu size, fraction of free weights")
+    fix_frac_prune: float = setting(0.0, "pruned fraction frozen")
+    fix_frac_keep: float = setting(0.0, "kept fraction frozen")
+    schedule: str = setting("uniform", "layer schedule: uniform or log")
+    min_steps_per_layer: int = setting(1, "floor of the log schedule")
+    remove_zero_rows: bool = setting(False, "prune zero Q rows for free")
+    max_batch_size: int | None = setting(None, "samples per forward/backward")
+    hessian_chunk_size: int = setting(32, "Hessian rows per exact_piecewise pass")
+    blocks_per_step: int = setting(1, "blocks one pass feeds (M distinct layers)")
+    workers: int | None = setting(
+        None, "block problems solved at once (None: the machine's cores)"
+    )
+    executor: str | None = setting(
+        None, "where a pass's problems are solved: threads or dask://HOST:PORT"
+    )
+    tape_dtype: str = setting(
+        "float32",
+        "storage of recorded activations: float32 or bfloat16 (half the memory)",
+    )
+    check_pass: bool = setting(False, "undo a pass that raised the batch loss")
+    check_blocks: bool = setting(
+        False,
+        "undo each block of a pass that raised the batch loss (a forward per "
+        "block: for small models)",
+    )
+    refit: bool = setting(
+        False,
+        "after the last step, refit the kept weights to the dense layers' outputs "
+        "(least squares)",
+    )
+    refit_every: int = setting(
+        0, "also refit every S steps (0: never during the run)", metavar="S"
+    )
+    refit_target: str = setting(
+        "current",
+        "refit to the original layers' outputs on the pruned model's inputs "
+        "(current) or the dense model's (dense)",
+    )
+    refit_solver: str = setting(
+        "pcg", "pcg (conjugate gradients, default) or exact (Cholesky per row)"
+    )
+    seed: int = setting(0, "seed of every random choice")
 
     def __post_init__(self) -> None:
         err = {"error": PruningError}
@@ -296,12 +351,29 @@ class RunSettings:
             when a run is stopped early).
     """
 
-    steps: int = 300
-    eval_every: int = 0
-    threads: int | None = None
-    keep_best: bool = False
-    time_budget: float | None = None
-    checkpoint_every: int = 0
+    steps: int = setting(
+        300,
+        "steps; a step is one forward/backward pass feeding --blocks-per-step blocks",
+    )
+    eval_every: int = setting(
+        0, "evaluate every S steps (0: only before and after)", metavar="S"
+    )
+    threads: int | None = setting(None, "torch CPU threads")
+    keep_best: bool = setting(
+        False,
+        "end with the mask that scored best on the validation split (needs "
+        "--eval-every; see --val-fraction, --val-windows)",
+    )
+    time_budget: float | None = setting(
+        None,
+        "stop after the step that crosses MINUTES since the command started",
+        metavar="MINUTES",
+    )
+    checkpoint_every: int = setting(
+        0,
+        "write a checkpoint every S steps (0: only when stopped early)",
+        metavar="S",
+    )
 
     def __post_init__(self) -> None:
         err = {"error": PruningError}
@@ -381,32 +453,3 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         """``{"config": {...}, "run": {...}}``, JSON-ready."""
         return {"config": self.config.to_dict(), "run": self.run.to_dict()}
-
-
-#: File name of a checkpoint inside its folder (see icbs_opt.pruning.checkpoint).
-CHECKPOINT_FILE = "checkpoint.safetensors"
-
-
-def checkpoint_file(path: str | os.PathLike) -> str:
-    """The checkpoint file of ``path``: the file itself or the one in the folder."""
-    path = os.fspath(path)
-    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
-
-
-def read_checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings saved in a checkpoint (file or folder), without torch.
-
-    Reads only the safetensors header, whose metadata holds them as JSON
-    under ``settings``.
-
-    Raises:
-        DataError: If there is no readable checkpoint at ``path``.
-    """
-    file = checkpoint_file(path)
-    try:
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        return json.loads(header["__metadata__"]["settings"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise DataError(f"cannot read the checkpoint {file!r}: {exc}") from exc

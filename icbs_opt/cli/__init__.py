@@ -2,9 +2,10 @@
 
 Each subcommand is a pair ``add_<name>(subparsers)`` / ``_cmd_<name>(args) -> int``:
 the solver commands in :mod:`icbs_opt.cli.solvers`, the pruning commands in
-:mod:`icbs_opt.cli.prune`. Errors of the library (bad input, unknown names,
-unavailable backends, missing files, unwritable outputs) print one line on
-stderr and exit with status 2; Ctrl-C exits with 130 and SIGTERM with 143.
+:mod:`icbs_opt.cli.prune` and :mod:`icbs_opt.cli.evaluate`. Errors of the library
+(bad input, unknown names, unavailable backends, missing files, unwritable
+outputs) print one line on stderr and exit with status 2; Ctrl-C exits with 130
+and SIGTERM with 143 (:class:`~icbs_opt.cli.common.Interrupts`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from collections.abc import Sequence
 from icbs_opt import __version__
 from icbs_opt.cli.common import (
     USER_ERRORS,
+    Interrupts,
     Terminated,
     interrupt_status,
-    sigterm_interrupts,
 )
-from icbs_opt.cli.prune import add_evaluate, add_prune
+from icbs_opt.cli.evaluate import add_evaluate
+from icbs_opt.cli.prune import add_prune
 from icbs_opt.cli.solvers import add_backends, add_compare, add_solve
 
 
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with sigterm_interrupts():
+        with Interrupts().installed():
             return args.func(args)
     except USER_ERRORS as exc:
         print(f"icbs-opt: error: {exc}", file=sys.stderr)

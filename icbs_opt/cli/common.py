@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from icbs_opt.atomic import atomic_path as atomic_path  # re-exported
-from icbs_opt.atomic import atomic_write, json_default
+from icbs_opt.atomic import atomic_write_json, json_default
 from icbs_opt.errors import (
     BackendError,
     BackendUnavailable,
@@ -39,8 +39,12 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+#: Exit status after each signal.
+EXIT_STATUS = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}
+
+
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM while :func:`sigterm_interrupts` holds.
+    """Raised in the main thread on SIGTERM while :class:`Interrupts` are installed.
 
     A ``KeyboardInterrupt``, so that everything that stops cleanly on Ctrl-C
     (native solves, ``compare``'s partial results) stops the same way.
@@ -52,25 +56,57 @@ def interrupt_status(exc: BaseException) -> int:
     return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread.
+class Interrupts:
+    """What SIGINT (Ctrl-C) and SIGTERM do while :meth:`installed` holds.
 
-    Outside the main thread (where Python cannot set handlers) it does nothing.
-    The previous handler comes back on exit.
+    A signal raises in the main thread: ``KeyboardInterrupt`` for SIGINT,
+    :class:`Terminated` for SIGTERM. With ``stop_first`` the first signal only
+    sets :attr:`received` and prints ``notice`` (a long loop asks and stops where
+    its work is whole: ``prune`` after the step); a second one raises as above
+    unless :attr:`abandonable` has been set to False.
+
+    Args:
+        stop_first: Whether the first signal asks to stop instead of raising.
+        notice: Printed on stderr after the first signal (with ``stop_first``).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated
+    def __init__(self, *, stop_first: bool = False, notice: str = "") -> None:
+        self.stop_first = stop_first
+        self.notice = notice
+        self.received: str | None = None
+        self.abandonable = True
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop_first and self.received is None:
+            self.received = signal.Signals(signum).name
+            print(f"icbs-opt: {self.received}: {self.notice}", file=sys.stderr)
+            return
+        if self.stop_first and not self.abandonable:
+            return
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interrupts]:
+        """Handle SIGINT and SIGTERM within the block.
+
+        The previous handlers come back on exit. Outside the main thread (where
+        Python cannot set handlers) it does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        kinds = (signal.SIGINT, signal.SIGTERM)
+        previous = {kind: signal.signal(kind, self._handle) for kind in kinds}
+        try:
+            yield self
+        finally:
+            for kind, handler in previous.items():
+                signal.signal(kind, handler)
+
+    @property
+    def exit_status(self) -> int:
+        """130 after a first SIGINT, 143 after a first SIGTERM, else 0."""
+        return EXIT_STATUS.get(self.received or "", 0)
 
 
 def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -104,11 +140,10 @@ def write_json(path: str, data: Any) -> None:
     A file is written atomically (see :func:`atomic_write`), so an interrupted
     write never leaves truncated JSON behind.
     """
-    text = json.dumps(data, indent=2, default=json_default)
     if path == "-":
-        print(text)
+        print(json.dumps(data, indent=2, default=json_default))
         return
-    atomic_write(path, lambda f: f.write(text + "\n"))
+    atomic_write_json(path, data)
 
 
 def check_output(

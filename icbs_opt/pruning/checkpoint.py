@@ -4,7 +4,8 @@ A checkpoint holds what :meth:`Pruner.state_dict` gives (masks, tabu FIFOs,
 layer schedule, numpy and torch random states, counters), the
 :class:`PruneResult` so far (records, passes, history, best validated mask) and
 the run's settings, a JSON-ready dictionary the caller chooses (the command line
-saves its ``prune_config.json`` content there). The batches' position is the
+saves its :class:`~icbs_opt.record.RunRecord` there, which reads it back without
+torch). The batches' position is the
 number of steps done: a resumed run skips that many batches of the same seeded
 sequence.
 
@@ -35,7 +36,7 @@ from icbs_opt.atomic import atomic_path, json_default
 from icbs_opt.errors import DataError
 from icbs_opt.pruning.loop import PruneResult
 from icbs_opt.pruning.pruner import PassRecord, Pruner, StepRecord, StepSeconds
-from icbs_opt.settings import CHECKPOINT_FILE, checkpoint_file
+from icbs_opt.record import CHECKPOINT_FILE, checkpoint_file, read_checkpoint_texts
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -103,15 +104,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     Raises:
         DataError: If the file is missing, unreadable or not a checkpoint.
     """
-    from safetensors import safe_open
+    from safetensors.torch import load_file
 
     file = checkpoint_file(path)
+    texts = read_checkpoint_texts(file)
     try:
-        with safe_open(file, framework="pt") as f:
-            texts = f.metadata() or {}
-            meta = json.loads(texts["icbs"])
-            settings = json.loads(texts["settings"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = json.loads(texts["icbs"])
+        settings = json.loads(texts["settings"])
+        tensors = load_file(file)
     except Exception as exc:  # safetensors, json and KeyError alike
         raise DataError(f"cannot read the checkpoint {file!r}: {exc}") from exc
     if meta.get("format") != FORMAT:

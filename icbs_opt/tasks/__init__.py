@@ -30,6 +30,7 @@ from icbs_opt.tasks.options import (
     CausalLMOptions,
     DigitsOptions,
     TextOptions,
+    check_model_dir,
 )
 
 if TYPE_CHECKING:
@@ -200,9 +201,7 @@ def load_saved_task(name: str, directory: str | os.PathLike, **options: Any) -> 
     spec = task_spec(name)
     if spec.load_saved is None:
         raise DataError(f"task {name!r} cannot load a saved model")
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise DataError(f"model directory {str(directory)!r} does not exist")
+    folder = check_model_dir(directory, hugging_face=False)
     return spec.load_saved(folder, spec.make_options(**options))
 
 

@@ -2,14 +2,15 @@
 
 Each options dataclass validates its fields on construction (numbers, corpora,
 folders, the torch device), so a wrong ``--calib-data`` or ``--device`` fails in
-well under a second instead of after a model load. Field metadata ``help`` is
-the command line's help text (``icbs-opt prune --FIELD-NAME``).
+well under a second instead of after a model load. Each field is a
+:func:`~icbs_opt.settings.setting`: its metadata is the command line's flag
+(``icbs-opt prune --FIELD-NAME``) and help text.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from icbs_opt.settings import (
     Preset,
     PruneConfig,
     RunSettings,
+    setting,
 )
 from icbs_opt.tasks.corpora import DATA_ENV, Corpus, resolve_corpus, split_names
 
@@ -49,10 +51,6 @@ CAUSAL_LM_PRESET = Preset(
     ),
     RunSettings(steps=10, eval_every=0, threads=None),
 )
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 def check_device(device: Any) -> str:
@@ -86,14 +84,14 @@ def check_device(device: Any) -> str:
 class DigitsOptions:
     """Options of ``digits-mlp``."""
 
-    cache_dir: str | None = _opt(None, "where the trained digits MLP is cached")
-    batch_size: int = _opt(200, "samples per pruning batch")
-    device: str = _opt("cpu", "torch device of the model and data")
-    retrain: bool = _opt(False, "train the digits MLP again even if cached")
-    val_fraction: float = _opt(
+    cache_dir: str | None = setting(None, "where the trained digits MLP is cached")
+    batch_size: int = setting(200, "samples per pruning batch")
+    device: str = setting("cpu", "torch device of the model and data")
+    retrain: bool = setting(False, "train the digits MLP again even if cached")
+    val_fraction: float = setting(
         0.0,
-        "digits: fraction of the training set held out as the validation split "
-        "of --keep-best (default 0; 0.2 with --keep-best)",
+        "fraction of the training set held out as the validation split "
+        "of --keep-best (0 with --keep-best: 0.2)",
     )
 
     def __post_init__(self) -> None:
@@ -117,44 +115,44 @@ class TextOptions:
     :mod:`icbs_opt.tasks.corpora`.
     """
 
-    seq_len: int = _opt(512, "LLM tasks: tokens per window")
-    data_dir: str | None = _opt(
+    seq_len: int = setting(512, "tokens per window")
+    data_dir: str | None = setting(
         None,
-        "LLM tasks: folder of the named corpora and zero-shot tasks (wikitext-2/, "
-        f"c4/, zeroshot/; default ${DATA_ENV}, else ../shared/data)",
+        "folder of the named corpora and zero-shot tasks (wikitext-2/, "
+        f"c4/, zeroshot/; None: ${DATA_ENV}, else ../shared/data)",
     )
-    calib_data: str = _opt(
+    calib_data: str = setting(
         "c4",
-        "LLM tasks: corpus of the calibration and pruning windows (and the "
+        "corpus of the calibration and pruning windows (and the "
         "--keep-best validation windows): wikitext2, c4, or a .txt/.jsonl file",
     )
-    eval_data: str = _opt(
+    eval_data: str = setting(
         "wikitext2,c4",
-        "LLM tasks: comma-separated perplexity corpora (held-out files of "
+        "comma-separated perplexity corpora (held-out files of "
         "wikitext2, c4, or .txt/.jsonl files); the first is the run's metric",
     )
-    eval_windows: int = _opt(40, "LLM tasks: perplexity windows per corpus")
-    calib_windows: int = _opt(32, "LLM tasks: calibration windows")
-    pruning_windows: int = _opt(
-        512, "LLM tasks: windows sampled from --calib-data for pruning batches"
+    eval_windows: int = setting(40, "perplexity windows per corpus")
+    calib_windows: int = setting(32, "calibration windows")
+    pruning_windows: int = setting(
+        512, "windows sampled from --calib-data for pruning batches"
     )
-    data_seed: int = _opt(0, "LLM tasks: seed of the calibration window sampling")
-    batch_size: int = _opt(8, "windows per pruning batch")
-    eval_batch_size: int = _opt(4, "LLM tasks: windows per evaluation pass")
-    device: str = _opt("cpu", "torch device of the model and data")
-    val_windows: int = _opt(
+    data_seed: int = setting(0, "seed of the calibration window sampling")
+    batch_size: int = setting(8, "windows per pruning batch")
+    eval_batch_size: int = setting(4, "windows per evaluation pass")
+    device: str = setting("cpu", "torch device of the model and data")
+    val_windows: int = setting(
         0,
-        "LLM tasks: windows sampled from held-out documents of --calib-data as "
-        "the validation split of --keep-best (default 0; 8 with --keep-best)",
+        "windows sampled from held-out documents of --calib-data as "
+        "the validation split of --keep-best (0 with --keep-best: 8)",
     )
-    save_dtype: str = _opt(
-        "bfloat16", "LLM tasks: dtype of the --out model: bfloat16, float16, float32"
+    save_dtype: str = setting(
+        "bfloat16", "dtype of the --out model: bfloat16, float16, float32"
     )
-    save_format: str | None = _opt(
+    save_format: str | None = setting(
         None,
-        "LLM tasks: --out weights: compressed (bitmask, compressed-tensors "
+        "--out weights: compressed (bitmask, compressed-tensors "
         "sparse-bitmask or sparse-24-bitmask) or dense, both with a "
-        "compressed-tensors sparsity_config (default compressed when "
+        "compressed-tensors sparsity_config (None: compressed when "
         "compressed-tensors is installed, else dense)",
     )
 
@@ -201,16 +199,21 @@ class TextOptions:
         return corpora
 
 
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """``path`` as a Path if it is a folder with a ``config.json``.
+def check_model_dir(path: str | os.PathLike, *, hugging_face: bool = True) -> Path:
+    """``path`` as a Path if it is a model folder.
+
+    Args:
+        path: The folder.
+        hugging_face: Whether it must be a Hugging Face model folder (with a
+            ``config.json``); else any folder (a ``prune --out`` folder, say).
 
     Raises:
-        DataError: If it is not a Hugging Face model folder.
+        DataError: If it is not a folder, or not a Hugging Face model folder.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"model directory {str(path)!r} does not exist")
-    if not (folder / "config.json").is_file():
+    if hugging_face and not (folder / "config.json").is_file():
         raise DataError(
             f"{str(path)!r} is not a Hugging Face model directory (no config.json)"
         )
@@ -221,7 +224,9 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 class CausalLMOptions(TextOptions):
     """Options of ``causal-lm``: any local Hugging Face causal LM on text files."""
 
-    model: str | None = _opt(None, "causal-lm: a local Hugging Face model folder")
+    model: str | None = setting(
+        None, "a local Hugging Face causal-LM folder", metavar="DIR"
+    )
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -229,11 +234,5 @@ class CausalLMOptions(TextOptions):
                 "task 'causal-lm' needs a model: pass --model DIR (a local Hugging "
                 "Face causal-LM folder)"
             )
-        folder = Path(self.model)
-        if not folder.is_dir():
-            raise DataError(f"model directory {self.model!r} does not exist")
-        if not (folder / "config.json").is_file():
-            raise DataError(
-                f"{self.model!r} is not a Hugging Face model directory (no config.json)"
-            )
+        check_model_dir(self.model)
         super().__post_init__()
