@@ -15,17 +15,18 @@ Files written by earlier versions are read too: settings added since take their
 defaults, settings since removed are ignored with a warning.
 
 Example:
+    >>> import dataclasses
     >>> from icbs_opt.settings import PruneConfig
     >>> record = RunRecord("digits-mlp", {}, "native", {}, Preset(PruneConfig(0.1)))
     >>> RunRecord.from_dict(record.to_dict()) == record
     True
-    >>> record.changed(record.replace(steps=9, time_budget=5.0))
+    >>> later = record.preset.replace(steps=9, time_budget=5.0)
+    >>> record.changed(dataclasses.replace(record, preset=later))
     ('steps', 300, 9)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -143,10 +144,6 @@ class RunRecord:
             )
         except (KeyError, TypeError, AttributeError) as exc:  # not a bad value
             raise DataError(f"cannot read the run settings in {source}: {exc}") from exc
-
-    def replace(self, **settings: Any) -> RunRecord:
-        """A copy with the given fields of the preset replace (see Preset.replace)."""
-        return dataclasses.replace(self, preset=self.preset.replace(**settings))
 
     def changed(self, other: RunRecord) -> tuple[str, Any, Any] | None:
         """The first setting ``other`` changes that a resumed run may not change.

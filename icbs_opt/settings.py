@@ -3,7 +3,8 @@
 :class:`PruneConfig` holds every option of the method (DESIGN.md section 1),
 :class:`RunSettings` how long a run goes and how it is scored, and a
 :class:`Preset` both: each task provides a complete one, and the command line
-replaces only the fields it is given (:meth:`Preset.replace`).
+replaces only the fields it is given (:meth:`Preset.replace`). Every field is a
+:func:`setting`, whose metadata gives its command-line flag and help text.
 
 Example:
     >>> preset = Preset(PruneConfig(density=0.1), RunSettings(steps=300))

@@ -100,19 +100,18 @@ def test_bad_record_files_give_one_clear_error(tmp_path):
 def test_changed_names_the_first_setting_a_resume_may_not_change():
     record = RunRecord("digits-mlp", {"batch_size": 200}, "native", {},
                        Preset(PruneConfig(0.1), RunSettings()))  # fmt: skip
-    assert record.changed(record.replace(time_budget=5.0, checkpoint_every=2)) is None
-    assert record.changed(record.replace(ridge_multiplier=0.5)) == (
-        "ridge_multiplier",
-        0.0,
-        0.5,
-    )
-    other = dataclasses.replace(record, task_options={"batch_size": 100})
-    assert record.changed(other) == ("batch_size", 200, 100)
-    assert record.changed(dataclasses.replace(record, layers=["0"])) == (
-        "layers",
-        None,
-        ["0"],
-    )
+
+    def changed(**fields):
+        settings = {k: v for k, v in fields.items() if not hasattr(record, k)}
+        fields = {k: v for k, v in fields.items() if k not in settings}
+        preset = record.preset.replace(**settings)
+        return record.changed(dataclasses.replace(record, preset=preset, **fields))
+
+    assert changed(time_budget=5.0, checkpoint_every=2) is None
+    assert changed(ridge_multiplier=0.5) == ("ridge_multiplier", 0.0, 0.5)
+    assert changed(task_options={"batch_size": 100}) == ("batch_size", 200, 100)
+    assert changed(layers=["0"]) == ("layers", None, ["0"])
+    assert changed(backend="exhaustive") == ("backend", "native", "exhaustive")
 
 
 # ---------------------------------------------------------------------- flags
