@@ -172,8 +172,9 @@ class RunRecord:
             DataError: If there is no readable checkpoint with settings at ``path``.
         """
         file = checkpoint_file(path)
+        texts = read_checkpoint_texts(file)
         try:
-            settings = json.loads(read_checkpoint_texts(file)["settings"])
+            settings = json.loads(texts["settings"])
         except (KeyError, ValueError) as exc:
             raise DataError(f"cannot read the checkpoint {file!r}: {exc}") from exc
         return cls.from_dict(settings, repr(file))

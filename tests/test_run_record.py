@@ -79,8 +79,9 @@ def test_bad_record_files_give_one_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(DataError, match="cannot read the checkpoint .*notes.txt"):
         RunRecord.read_checkpoint(tmp_path / "notes.txt")
-    with pytest.raises(DataError, match="cannot read the checkpoint"):
+    with pytest.raises(DataError, match="cannot read the checkpoint") as raised:
         RunRecord.read_checkpoint(tmp_path)  # no checkpoint.safetensors
+    assert str(raised.value).count("cannot read") == 1
     data = RunRecord.read_checkpoint(OLD).to_dict()
     del data["config"]
     with pytest.raises(DataError, match="cannot read the run settings in x: 'config'"):
