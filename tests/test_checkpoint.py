@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from icbs_opt.errors import DataError, PruningError
 from icbs_opt.pruning import Pruner, prune
+from icbs_opt.pruning import pruner as pruner_module
 from icbs_opt.pruning.checkpoint import load_checkpoint, save_checkpoint
 from icbs_opt.pruning.loop import restore_best
 
@@ -117,22 +118,22 @@ def test_periodic_checkpoints_resume_exactly(tmp_path):
     assert comparable(resumed) == comparable(expected)
 
 
-def test_keyboard_interrupt_abandons_the_step_and_keeps_the_state():
+def test_keyboard_interrupt_abandons_the_step_and_keeps_the_state(monkeypatch):
     pruner = make_pruner(blocks_per_step=3)
     prune(pruner, batches(), 3)
     before = pruner.state_dict()
-    accept, calls = pruner._accept, {"n": 0}
+    accept, calls = pruner_module.accept, {"n": 0}
 
-    def interrupted(block):
+    def interrupted(block, answer):
         calls["n"] += 1
         if calls["n"] == 6:  # the last block of the second pass
             raise KeyboardInterrupt
-        accept(block)
+        return accept(block, answer)
 
-    pruner._accept = interrupted
     twin = make_pruner(blocks_per_step=3)
     twin.load_state_dict(before)
     prune(twin, batches(), 1)
+    monkeypatch.setattr(pruner_module, "accept", interrupted)
     result = prune(pruner, batches(), 10, evaluate=evaluate)
     assert result.stopped == "interrupted" and result.abandoned
     assert result.steps_done == 1 and pruner.passes_done == 4

@@ -105,7 +105,7 @@ def test_sigint_stops_after_the_step_and_resume_ends_as_if_never_stopped(
 def test_second_sigint_abandons_the_step_and_still_writes(
     cache, reference, tmp_path, monkeypatch, capsys
 ):
-    build, calls = pruner_module.Pruner._build_problem, {"n": 0}
+    build, calls = pruner_module.Pruner._block_model, {"n": 0}
 
     def build_and_signal(self, *args, **kwargs):
         calls["n"] += 1
@@ -113,7 +113,7 @@ def test_second_sigint_abandons_the_step_and_still_writes(
             os.kill(os.getpid(), signal.SIGINT)
         return build(self, *args, **kwargs)
 
-    monkeypatch.setattr(pruner_module.Pruner, "_build_problem", build_and_signal)
+    monkeypatch.setattr(pruner_module.Pruner, "_block_model", build_and_signal)
     out = tmp_path / "run"
     assert main(prune_argv(cache, out, "--blocks-per-step", "3")) == 130
     assert "the step under way was abandoned" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from icbs_opt.derivatives import record_layers
 from icbs_opt.errors import PruningError
 from icbs_opt.executors import make_executor
 from icbs_opt.pruning import PAPER_CLASSIFIER_SETTINGS, PruneConfig, Pruner, prune
+from icbs_opt.pruning.step import select_blocks
 
 PAPER = dict(PAPER_CLASSIFIER_SETTINGS)
 
@@ -120,7 +121,9 @@ def test_more_blocks_than_layers_gives_disjoint_blocks_per_layer():
 def test_pass_blocks_in_one_layer_are_disjoint():
     X, y = data()
     pruner = Pruner(mlp(), loss, 0.4, "exhaustive", block_size=8, calibration=(X, y))
-    work = pruner._select_blocks([pruner._layers["0"]] * 3, {}, X, y, 1)
+    layer = pruner._layers["0"]
+    scores = lambda L: pruner._selection_scores(L, X, y, None)  # noqa: E731
+    work = select_blocks([layer] * 3, scores, pruner.config, 1, 1)
     chosen = [set(b.idx.tolist()) for b in work]
     assert all(len(c) == 8 for c in chosen)
     assert not (chosen[0] & chosen[1]) and not (chosen[1] & chosen[2])

@@ -1,18 +1,20 @@
-"""The :class:`Pruner`: the initial mask, then one block step at a time.
+"""The :class:`Pruner`: the state of a pruning run and the orchestration of a pass.
 
-:meth:`Pruner.step` is DESIGN.md section 1 read top to bottom: pick a layer, pick a
-block, the block's gradient and Hessian model, its QUBO, a solve, and a move applied
-only if it does not predict a worse loss.
+The constructor prunes to the initial mask (:mod:`icbs_opt.pruning.init`);
+:meth:`Pruner.run_pass` is DESIGN.md section 1 read top to bottom: the layers of
+the pass and one forward/backward recording them, then the block pipeline of
+:mod:`icbs_opt.pruning.step` (select, model, solve, accept), then the optional
+pass check. The pruner owns the masks, the random state and the counters.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,98 +28,39 @@ from icbs_opt.derivatives import (
     LayerTape,
     LossFn,
     batch_loss,
-    block_derivatives,
-    input_column_norms,
     layer_gradients,
     record_layers,
-    wanda_scores,
 )
 from icbs_opt.errors import BackendError, PruningError
 from icbs_opt.executors import make_executor
 from icbs_opt.problems import BlockProblem
-from icbs_opt.pruning.qubo import (
-    PreparedSolve,
-    block_problem,
-    block_qubo,
-    finish_solve,
-    prepare_solve,
-    with_constraint,
-)
+from icbs_opt.pruning.init import initial_prune
 from icbs_opt.pruning.refit import refit as refit_layers
-from icbs_opt.pruning.selection import LayerSchedule, select_block, select_groups
-from icbs_opt.pruning.sparsegpt import sparsegpt
-from icbs_opt.pruning.state import (
-    LayerState,
-    check_groups,
-    freeze,
-    keep_top,
-    keep_top_nm,
-    resolve_layers,
+from icbs_opt.pruning.scores import ScoreInputs, weight_scores
+from icbs_opt.pruning.selection import LayerSchedule
+from icbs_opt.pruning.state import LayerState, check_groups, resolve_layers
+from icbs_opt.pruning.step import (
+    Block,
+    BlockModel,
+    StepRecord,
+    StepSeconds,
+    accept,
+    answer_mask,
+    block_model,
+    prepare_solves,
+    select_blocks,
+    set_block,
+    solve_prepared,
+    with_meta,
 )
 from icbs_opt.settings import CONFIG_FIELDS, PruneConfig
+
+__all__ = ["PassRecord", "Pruner", "StepRecord", "StepSeconds"]
 
 logger = logging.getLogger(__name__)
 
 #: Blocks of a pass built and solved together (bounds the problems held at once).
 SOLVE_CHUNK = 32
-
-
-@dataclass
-class StepSeconds:
-    """Wall time of one block step, split by phase.
-
-    ``forward_backward`` is the one pass shared by gradient selection and the
-    per-sample Fisher (then not counted in ``select`` or ``gradient``).
-    """
-
-    forward_backward: float = 0.0
-    select: float = 0.0
-    gradient: float = 0.0
-    hessian: float = 0.0
-    q_build: float = 0.0
-    solve: float = 0.0
-    total: float = 0.0
-
-
-@dataclass
-class StepRecord:
-    """What one block step did.
-
-    Attributes:
-        step: 1-based block number of this pruner.
-        layer: Qualified name of the layer.
-        n: Block size (may be smaller than ``block_size`` for a small layer).
-        k: Pruned weights in the block, before and after the step.
-        dl: Predicted loss change of the solver's answer (``x^T Q x + const``).
-        dl_current: Predicted loss change of keeping the mask (0 up to rounding).
-        feasible: Whether the answer had exactly k ones (N:M: each group its
-            count).
-        accepted: Whether the answer was applied (feasible, ``dl <= dl_current``,
-            and different from the current mask).
-        flips: Weights whose state the step changed (0 when not accepted).
-        pass_number: The pass (step of :func:`prune`) the block belongs to.
-        rolled_back: Whether an accepted move was undone by the pass check.
-        seconds: Time split; a pass's shared work is split evenly over its blocks.
-        solver_info: The backend's ``Solution.info``.
-    """
-
-    step: int
-    layer: str
-    n: int
-    k: int
-    pass_number: int = 0
-    dl: float = 0.0
-    dl_current: float = 0.0
-    feasible: bool = True
-    accepted: bool = False
-    flips: int = 0
-    rolled_back: bool = False
-    seconds: StepSeconds = field(default_factory=StepSeconds)
-    solver_info: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -156,21 +99,6 @@ class PassRecord:
             "loss_after": self.loss_after,
             "seconds": self.seconds,
         }
-
-
-@dataclass
-class _Block:
-    """One block of a pass on its way through steps 2-6."""
-
-    L: LayerState
-    idx: torch.Tensor  # (n,) flat indices into the weight
-    x_cur: torch.Tensor  # (n,) bool, True = pruned now
-    record: StepRecord
-    problem: BlockProblem | None = None
-    const: float = 0.0
-    x0: np.ndarray | None = None  # (n,) int8 current mask
-    prep: PreparedSolve | None = None
-    x: np.ndarray | None = None  # (n,) int8 the solver's answer
 
 
 class Pruner:
@@ -249,7 +177,16 @@ class Pruner:
         self._schedule = LayerSchedule(
             self._layers, cfg.schedule, cfg.min_steps_per_layer, self.rng
         )
-        self._initial_prune()
+        initial_prune(
+            model, loss_fn, list(self._layers.values()), cfg, calibration, self.rng
+        )
+        logger.info(
+            "initial %s pruning to density %.4f (%s) of %d layers",
+            cfg.init,
+            self.density(),
+            cfg.pattern,
+            len(self._layers),
+        )
         #: Where block problems are solved (see :mod:`icbs_opt.executors`).
         self.executor = make_executor(cfg.executor, workers=cfg.workers)
 
@@ -335,21 +272,27 @@ class Pruner:
             loss_before = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
         t1 = time.perf_counter()
         # 2. a block per entry: k currently pruned and n - k kept free weights
-        work = self._select_blocks(plan, tapes, X, y, number)
+        work = select_blocks(
+            plan,
+            lambda L: self._selection_scores(L, X, y, tapes.get(L.name)),
+            self.config,
+            self.steps_done + 1,
+            number,
+        )
         t2 = time.perf_counter()
         # 3-4. gradient, Hessian model and QUBO; 5. solve; 6. accept each block
+        moves: dict[int, torch.Tensor] = {}  # block index -> its accepted mask
         try:
-            qubo, solve = self._build_solve_accept(work, tapes, X, y)
+            qubo, solve = self._model_solve_accept(work, tapes, X, y, moves)
             record = PassRecord(number, [b.record for b in work], loss_before)
             if check and record.accepted:
-                self._check_pass(record, work, X, y)
+                self._check_pass(record, work, moves, X, y)
         except BaseException:  # KeyboardInterrupt too: never stop half-way
-            for b in reversed(work):
-                if b.record.accepted:
-                    _set_block(b, b.x_cur)
+            for i in sorted(moves, reverse=True):
+                set_block(work[i], work[i].x_cur)
             raise
         for b in work:
-            b.L.push_tabu(b.idx)
+            b.layer.push_tabu(b.idx)
         self.passes_done, self.steps_done = number, work[-1].record.step
         t5 = time.perf_counter()
         record.seconds = {"record": t1 - t0, "select": t2 - t1, "qubo": qubo,
@@ -359,33 +302,85 @@ class Pruner:
         return record
 
     # -------------------------------------------------------------- the pass
-    def _build_solve_accept(
-        self, work: list[_Block], tapes: dict[str, LayerTape], X: Any, y: Any
+    def _model_solve_accept(
+        self,
+        work: list[Block],
+        tapes: dict[str, LayerTape],
+        X: Any,
+        y: Any,
+        moves: dict[int, torch.Tensor],
     ) -> tuple[float, float]:
-        """Steps 3-6, in chunks: a pass of hundreds of blocks holds few problems.
+        """Steps 3-6 in chunks of :data:`SOLVE_CHUNK` blocks.
 
-        A layer's tape is freed after its last block.
+        A pass of hundreds of blocks holds few problems at once, and a layer's
+        tape is freed after its last block. When every block's derivatives come
+        from a tape (so they do not depend on the moves), a chunk's problems are
+        built while the previous chunk is solved.
 
         Returns:
-            Seconds spent building problems and solving them.
+            Seconds spent building problems, and solving them (not overlapped).
         """
-        qubo = solve = 0.0
-        last = {b.L.name: i for i, b in enumerate(work)}
-        for start in range(0, len(work), SOLVE_CHUNK):
-            chunk = work[start : start + SOLVE_CHUNK]
-            t = time.perf_counter()
-            for i, b in enumerate(chunk, start):
-                if 0 < b.record.k < b.record.n:  # else nothing can move
-                    self._build_problem(b, X, y, tapes.get(b.L.name))
-                if last[b.L.name] == i:
-                    tapes.pop(b.L.name, None)
-            t3 = time.perf_counter()
-            self._solve_all(chunk)
-            for b in chunk:
-                self._accept(b)
-                b.problem = b.prep = None  # keep only the record
-            qubo, solve = qubo + t3 - t, solve + time.perf_counter() - t3
-        return qubo, solve
+        last = {b.layer.name: i for i, b in enumerate(work)}
+        overlap = all(b.layer.name in tapes for b in work if b.can_move)
+        seconds = {"qubo": 0.0, "solve": 0.0}
+        pending: tuple[list[tuple[int, BlockModel]], Future] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="icbs-solve") as pool:
+            try:
+                for start in range(0, len(work), SOLVE_CHUNK):
+                    t = time.perf_counter()
+                    models = []
+                    for i in range(start, min(start + SOLVE_CHUNK, len(work))):
+                        if work[i].can_move:  # else nothing can move
+                            models.append((i, self._block_model(work[i], X, y, tapes)))
+                        if last[work[i].layer.name] == i:
+                            tapes.pop(work[i].layer.name, None)
+                    seconds["qubo"] += time.perf_counter() - t
+                    if pending is not None:
+                        self._accept_chunk(work, *pending, moves, seconds)
+                    chunk = [m for _, m in models]
+                    preps = prepare_solves(
+                        chunk, self.rng, self.config.remove_zero_rows
+                    )
+                    solving = pool.submit(
+                        solve_prepared, chunk, preps, self.executor, self.backend
+                    )
+                    pending = (models, solving)
+                    if not overlap:
+                        self._accept_chunk(work, *pending, moves, seconds)
+                        pending = None
+                if pending is not None:
+                    self._accept_chunk(work, *pending, moves, seconds)
+            except BaseException:
+                if pending is not None:  # let the running solves end first
+                    wait([pending[1]])
+                raise
+        return seconds["qubo"], seconds["solve"]
+
+    def _block_model(
+        self, b: Block, X: Any, y: Any, tapes: dict[str, LayerTape]
+    ) -> BlockModel:
+        model = block_model(
+            b, self.config, self.model, self.loss_fn, X, y, tapes.get(b.layer.name)
+        )
+        if self.problem_hook is not None:
+            self.problem_hook(with_meta(model))
+        return model
+
+    def _accept_chunk(
+        self,
+        work: list[Block],
+        models: list[tuple[int, BlockModel]],
+        future: Future,
+        moves: dict[int, torch.Tensor],
+        seconds: dict[str, float],
+    ) -> None:
+        """Step 6 for a chunk once ``future`` has its answers."""
+        t = time.perf_counter()
+        answers = future.result()
+        seconds["solve"] += time.perf_counter() - t
+        for (i, _), answer in zip(models, answers, strict=True):
+            if accept(work[i], answer):
+                moves[i] = answer_mask(work[i], answer)
 
     def _plan_pass(self, layers: Sequence[str] | None, count: int) -> list[LayerState]:
         """Step 1: the layer of each block, in schedule order.
@@ -439,142 +434,37 @@ class Pruner:
         )
         return {names[id(t.module)]: t for t in tapes}, loss
 
-    def _select_blocks(
+    def _check_pass(
         self,
-        plan: list[LayerState],
-        tapes: dict[str, LayerTape],
+        record: PassRecord,
+        work: list[Block],
+        moves: dict[int, torch.Tensor],
         X: Any,
         y: Any,
-        number: int,
-    ) -> list[_Block]:
-        """Step 2 for every block; blocks in one layer are disjoint."""
-        cfg, work = self.config, []
-        taken: dict[str, torch.Tensor] = {}
-        scores: dict[str, torch.Tensor] = {}
-        left = collections.Counter(L.name for L in plan)
-        for i, L in enumerate(plan):
-
-            def layer_scores(L: LayerState = L) -> torch.Tensor:
-                if L.name not in scores:  # once per layer and pass
-                    scores[L.name] = self._selection_scores(L, X, y, tapes.get(L.name))
-                return scores[L.name]
-
-            if cfg.nm is None:
-                idx = select_block(
-                    L, layer_scores, cfg.block_size, cfg.k, taken.get(L.name)
-                )
-            else:  # whole groups of M
-                idx = select_groups(
-                    L, layer_scores, cfg.block_size, cfg.nm[1], taken.get(L.name)
-                )
-            left[L.name] -= 1
-            if left[L.name]:  # more blocks of this layer follow: keep them apart
-                taken.setdefault(L.name, torch.zeros_like(L.pruned))[idx] = True
-            else:  # the layer's last block of the pass
-                scores.pop(L.name, None)
-            x_cur = L.pruned[idx]  # (n,) bool, True = pruned now
-            step = self.steps_done + i + 1
-            record = StepRecord(step, L.name, idx.numel(), int(x_cur.sum()), number)
-            work.append(_Block(L, idx, x_cur, record))
-        return work
-
-    def _build_problem(self, b: _Block, X: Any, y: Any, tape: LayerTape | None) -> None:
-        """Steps 3-4: ``dL(x) = x^T Q x + const`` subject to ``sum(x) = k``.
-
-        With pattern N:M the constraint is one count per group of the block.
-        """
-        cfg, sec = self.config, b.record.seconds
-        g, H, sec.gradient, sec.hessian = block_derivatives(
-            self.model,
-            self.loss_fn,
-            X,
-            y,
-            b.L.module,
-            b.idx,
-            cfg.hessian,
-            max_batch_size=cfg.max_batch_size,
-            chunk_size=cfg.hessian_chunk_size,
-            tape=tape,
-        )  # g (n,), H (n, n)
-        t = time.perf_counter()
-        r_B = b.L.keep_values[b.idx]  # (n,) values if kept ("Restore values")
-        w_B = torch.where(b.x_cur, torch.zeros_like(r_B), r_B)  # (n,)
-        Q, b.const = block_qubo(
-            r_B, w_B, g, H, cfg.grad_multiplier, cfg.ridge_multiplier
-        )
-        b.x0 = b.x_cur.cpu().numpy().astype(np.int8)  # (n,) current mask, feasible
-        group_of = None if cfg.nm is None else b.idx // cfg.nm[1]  # (n,)
-        b.problem = block_problem(Q, b.x_cur, group_of)
-        if self.problem_hook is not None:
-            self.problem_hook(_with_meta(b.problem, b.record, b.x0, b.const))
-        sec.q_build = time.perf_counter() - t
-
-    def _solve_all(self, work: list[_Block]) -> None:
-        """Step 5: scale, warm-start and solve every block problem at once."""
-        todo = [b for b in work if b.problem is not None]
-        for b in todo:
-            b.prep = prepare_solve(
-                b.problem,  # type: ignore[arg-type]
-                b.x0,  # type: ignore[arg-type]
-                self.rng,
-                remove_zero_rows=self.config.remove_zero_rows,
-            )
-        asked = [b for b in todo if b.prep.scaled is not None]  # type: ignore[union-attr]
-        preps = [b.prep for b in asked]
-        solutions = self.executor.solve_many(
-            self.backend,
-            [p.scaled for p in preps],  # type: ignore[union-attr]
-            [p.seed for p in preps],  # type: ignore[union-attr]
-            [p.warm for p in preps],  # type: ignore[union-attr]
-        )
-        answers = dict(zip(map(id, asked), solutions, strict=True))
-        for b in todo:
-            r = b.record
-            b.x, r.feasible, r.solver_info = finish_solve(
-                b.prep,
-                b.problem,
-                answers.get(id(b)),  # type: ignore[arg-type]
-            )
-            r.dl = b.problem.energy(b.x) + b.const  # type: ignore[union-attr]
-            r.dl_current = b.problem.energy(b.x0) + b.const  # type: ignore[union-attr]
-
-    def _accept(self, b: _Block) -> None:
-        """Step 6: apply a feasible move that is not predicted worse."""
-        if b.x is None:
-            return
-        r = b.record
-        new = _pruned_mask(b)
-        flips = int((new != b.x_cur).sum())
-        if r.feasible and r.dl <= r.dl_current and flips:
-            _set_block(b, new)
-            r.accepted, r.flips = True, flips
-
-    def _check_pass(
-        self, record: PassRecord, work: list[_Block], X: Any, y: Any
     ) -> None:
         """Undo the pass's moves (or each block's) that raised the batch loss."""
-        moved = [b for b in work if b.record.accepted]
+        moved = sorted(moves)
         if self.config.check_blocks:  # replay the moves one at a time
-            for b in reversed(moved):
-                _set_block(b, b.x_cur)
+            for i in reversed(moved):
+                set_block(work[i], work[i].x_cur)
             best = record.loss_before
-            for b in moved:
-                _set_block(b, _pruned_mask(b))
+            for i in moved:
+                set_block(work[i], moves[i])
                 loss = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
                 if loss > best:  # type: ignore[operator]
-                    _set_block(b, b.x_cur)
-                    b.record.rolled_back = True
+                    set_block(work[i], work[i].x_cur)
+                    work[i].record.rolled_back = True
                 else:
                     best = loss
             record.loss_after = best
-            record.rolled_back = all(b.record.rolled_back for b in moved)
+            record.rolled_back = all(work[i].record.rolled_back for i in moved)
             return
         record.loss_after = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
         if record.loss_after <= record.loss_before:  # type: ignore[operator]
             return
-        for b in reversed(moved):
-            _set_block(b, b.x_cur)
-            b.record.rolled_back = True
+        for i in reversed(moved):
+            set_block(work[i], work[i].x_cur)
+            work[i].record.rolled_back = True
         record.rolled_back = True
 
     def _selection_scores(
@@ -582,19 +472,16 @@ class Pruner:
     ) -> torch.Tensor:
         """``(numel,)`` scores of step 2: high = likelier to be wrongly pruned."""
         method = self.config.selection
-        if method == "random":
-            return torch.from_numpy(self.rng.random(L.numel)).to(L.w0.device)
-        if method == "magnitude":
-            return L.w0.abs()
-        if method == "wanda":
-            return L.static_scores  # type: ignore[return-value]
-        if tape is not None:
+        if method == "wanda":  # static, from the initial pruning
+            return L.static_scores.to(torch.float64)  # type: ignore[union-attr]
+        grad = None
+        if method == "gradient" and tape is not None:
             grad = tape.gradient()
-        else:
+        elif method == "gradient":
             (grad,) = layer_gradients(
                 self.model, self.loss_fn, X, y, [L.module], max_batch_size=self._mbs
             )
-        return (L.w0 * grad.reshape(-1)).abs().to(torch.float64)
+        return weight_scores(method, L, ScoreInputs(self.rng, grad=grad))
 
     # ----------------------------------------------------------- initial mask
     def _check_calibration(self) -> None:
@@ -611,89 +498,6 @@ class Pruner:
             raise PruningError(
                 "selection 'wanda' needs calibration data: pass calibration=(X, y)"
             )
-
-    def _initial_prune(self) -> None:
-        """Score every weight, keep the top ``density``, freeze, set up tabu.
-
-        With pattern N:M each group keeps its top N. ``sparsegpt`` instead takes
-        SparseGPT's masks, and its updated kept weights become their
-        ``keep_values``.
-        """
-        cfg = self.config
-        X, y = self.calibration if self.calibration is not None else (None, None)
-        mods = [L.module for L in self._layers.values()]
-        mbs = cfg.max_batch_size
-        norms = grads = [None] * len(mods)
-        if "wanda" in (cfg.init_method, cfg.selection):  # (d_in,) per layer
-            norms = input_column_norms(
-                self.model, self.loss_fn, X, y, mods, max_batch_size=mbs
-            )
-        if cfg.init_method == "gradient":  # one backward for every layer
-            grads = layer_gradients(
-                self.model, self.loss_fn, X, y, mods, max_batch_size=mbs
-            )
-        masks = [None] * len(mods)
-        if cfg.init_method == "sparsegpt":  # masks, saliencies, updated weights
-            done = sparsegpt(
-                self.model,
-                self.loss_fn,
-                X,
-                y,
-                mods,
-                cfg.density,
-                pattern=cfg.nm,
-                max_batch_size=mbs,
-            )
-            masks, grads = [m for m, _ in done], [s for _, s in done]
-        layers = zip(self._layers.values(), norms, grads, masks, strict=True)
-        for L, norm, grad, mask in layers:
-            s = self._init_scores(cfg.init_method, L, norm, grad)  # (numel,)
-            if mask is None and cfg.nm is not None:
-                keep = keep_top_nm(s, *cfg.nm)
-            elif mask is None:
-                shape = L.module.weight.shape
-                keep = keep_top(s, shape, cfg.density, cfg.init_grouping)
-            else:  # SparseGPT's mask; its kept weights' new values are restored
-                keep = mask.reshape(-1)
-                w = L.module.weight.detach().reshape(-1)
-                L.keep_values = torch.where(keep, w, L.w0)
-            L.pruned = ~keep
-            L.frozen = freeze(s, keep, cfg.fix_frac_prune, cfg.fix_frac_keep)
-            if cfg.selection == "wanda":  # static; magnitude is read from w0
-                L.static_scores = self._init_scores("wanda", L, norm, None).float()
-            L.setup_tabu(cfg.tabu_frac, cfg.block_size)
-            L.write(torch.arange(L.numel, device=L.w0.device))
-        logger.info(
-            "initial %s pruning to density %.4f (%s) of %d layers",
-            cfg.init,
-            self.density(),
-            cfg.pattern,
-            len(self._layers),
-        )
-
-    def _init_scores(
-        self,
-        method: str,
-        L: LayerState,
-        norms: torch.Tensor | None,
-        grad: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Flat float64 scores of the layer's weights for ``method``.
-
-        ``grad`` is the layer's loss gradient for ``gradient`` and its SparseGPT
-        saliency (``w^2 / [H^-1]_jj`` when its mask was chosen) for ``sparsegpt``.
-        """
-        if method == "sparsegpt":
-            return grad.reshape(-1).to(torch.float64)  # type: ignore[union-attr]
-        if method == "magnitude":
-            s = L.w0.abs()
-        elif method == "wanda":
-            s = wanda_scores(L.module, norms).reshape(-1)  # type: ignore[arg-type]
-        elif method == "gradient":
-            s = (L.w0 * grad.reshape(-1)).abs()  # type: ignore[union-attr]
-        else:
-            s = torch.from_numpy(self.rng.random(L.numel)).to(L.w0.device)
-        return s.to(torch.float64)
 
     # ------------------------------------------------- weight reconstruction
     def refit(self) -> float:
@@ -853,18 +657,7 @@ def _make_backend(backend: str | Backend, options: Mapping[str, Any] | None) -> 
     return get_backend(backend, **dict(options or {}))
 
 
-def _pruned_mask(b: _Block) -> torch.Tensor:
-    """``(n,)`` bool: the solver's answer for the block, True = pruned."""
-    return torch.from_numpy(b.x.astype(bool)).to(b.idx.device)  # type: ignore[union-attr]
-
-
-def _set_block(b: _Block, pruned: torch.Tensor) -> None:
-    """Give the block's weights the state ``pruned`` in the mask and the model."""
-    b.L.pruned[b.idx] = pruned
-    b.L.write(b.idx)
-
-
-def _share_seconds(work: list[_Block], seconds: dict[str, float]) -> None:
+def _share_seconds(work: list[Block], seconds: dict[str, float]) -> None:
     """Give each block an even share of the pass's recording and solving time."""
     for b in work:
         sec = b.record.seconds
@@ -872,17 +665,3 @@ def _share_seconds(work: list[_Block], seconds: dict[str, float]) -> None:
         sec.select = seconds["select"] / len(work)
         sec.solve = seconds["solve"] / len(work)
         sec.total = seconds["total"] / len(work)
-
-
-def _with_meta(
-    problem: BlockProblem, record: StepRecord, x0: np.ndarray, const: float
-) -> BlockProblem:
-    _, scale = problem.scaled()
-    meta = {
-        "layer": record.layer,
-        "step": record.step,
-        "x_cur": x0,
-        "scale": scale,
-        "const": const,
-    }
-    return with_constraint(problem, problem.Q, meta=meta)
