@@ -18,6 +18,7 @@ from icbs_opt.backends import get_backend
 from icbs_opt.backends import native as native_module
 from icbs_opt.cli import main
 from icbs_opt.errors import BackendError, ProblemError
+from icbs_opt.executors import solve_many
 from icbs_opt.problems import BlockProblem, random_problem
 
 _native = pytest.importorskip("icbs_opt._native")
@@ -444,10 +445,12 @@ def test_grouped_solve_many_matches_solve():
     problems = [random_problem(64, 2, seed=s, group_size=4) for s in range(3)]
     problems.append(BlockProblem(np.eye(6), [1, 0, 2], groups=[0, 1, 2, 0, 2, 2]))
     backend = native(num_restarts=2)
-    batch = backend.solve_many(problems, seeds=[5, 6, 7, 8], workers=2)
+    batch = solve_many(backend, problems, [5, 6, 7, 8], workers=2)
     for problem, seed, sol in zip(problems, [5, 6, 7, 8], batch, strict=True):
         assert_feasible_per_group(problem, sol)
         assert sol.x.tolist() == backend.solve(problem, seed=seed).x.tolist()
+        assert sol.info["num_threads"] == 1  # side by side: one thread each
+    assert backend.parameters["num_threads"] == 0  # the batch ran on a copy
 
 
 def test_single_group_is_the_ungrouped_problem():
@@ -778,7 +781,7 @@ def test_ctrl_c_ends_solve_many_within_a_second(big_problem):
     start = time.perf_counter()
     try:
         with pytest.raises(KeyboardInterrupt):
-            native(**LONG).solve_many([big_problem] * 3, seeds=[0, 1, 2], workers=2)
+            solve_many(native(**LONG), [big_problem] * 3, [0, 1, 2], workers=2)
     finally:
         timer.cancel()
     assert time.perf_counter() - start < 1.5

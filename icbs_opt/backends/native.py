@@ -26,18 +26,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import queue
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends.base import Backend, Option, Solution, choice_option
+from icbs_opt.backends.base import Backend, Option, choice_option
 from icbs_opt.checks import check_float, check_int
 from icbs_opt.errors import BackendError
 from icbs_opt.problems import BlockProblem
@@ -147,7 +148,7 @@ def _call_core(solve: Callable[[], Any], stop: np.ndarray) -> Any:
     slices; when a handler raises (``KeyboardInterrupt``, or what a SIGTERM
     handler raises) the flag is set, the core stops within a sweep, and the
     exception goes on. Other threads call the core directly (their caller stops
-    them through ``stop``, as :meth:`NativeBackend.solve_many` does).
+    them through ``stop``, as :meth:`NativeBackend.in_batch` does).
     """
     if threading.current_thread() is not threading.main_thread():
         return solve()
@@ -239,7 +240,7 @@ class NativeBackend(Backend):
     """
 
     name = "native"
-    #: The core's stop flag for this object's solves (``solve_many`` sets one per
+    #: The core's stop flag for this object's solves (``in_batch`` sets one per
     #: batch on its copy); ``None``: a fresh flag per solve.
     _stop: np.ndarray | None = None
     options = (
@@ -349,33 +350,23 @@ class NativeBackend(Backend):
             return "the native extension is not built; run: pip install -e ."
         return None
 
-    def solve_many(
-        self,
-        problems: Sequence[BlockProblem],
-        *,
-        seeds: Sequence[int | None],
-        x0s: Sequence[Any] | None = None,
-        workers: int | None = None,
-        done: Callable[[int, Solution], None] | None = None,
-    ) -> list[Solution]:
-        """As :meth:`Backend.solve_many`; solved side by side, each on one thread.
+    @contextlib.contextmanager
+    def in_batch(self, threads: int) -> Iterator[NativeBackend]:
+        """A copy for one batch: one stop flag, one thread per solve if several.
 
-        The problems then share the cores instead of each starting a thread per
-        core; answers do not depend on the thread count.
-
-        Ctrl-C (or any exception) stops the solves already running within a
-        sweep, through one stop flag shared by the batch.
+        With ``threads > 1`` the problems share the cores instead of each
+        starting a thread per core (answers do not depend on the thread count).
+        When the batch ends by an exception (Ctrl-C included) the flag is set,
+        and the solves still running stop within a sweep.
         """
         one = copy.copy(self)
         one._stop = _stop_flag()
-        if workers != 1 and len(problems) > 1:
+        if threads > 1:
             one._params = {**self._params, "num_threads": 1}
         try:
-            return Backend.solve_many(
-                one, problems, seeds=seeds, x0s=x0s, workers=workers, done=done
-            )
+            yield one
         except BaseException:
-            one._stop[0] = 1  # the pool's running solves; queued ones are cancelled
+            one._stop[0] = 1  # the running solves; the executor drops queued ones
             raise
 
     def _solve(
