@@ -48,7 +48,7 @@ from icbs_opt.problems import BlockProblem  # noqa: E402
 EXHAUSTIVE_MAX_N = 20
 
 #: The auto schedule's constants before issue 14, to time the old default.
-OLD_AUTO = {"AUTO_ACCEPT": 0.1, "MIN_SWEEP_SIZE": 1}
+OLD_AUTO = {"AUTO_ACCEPT_SMALL": 0.1, "AUTO_ACCEPT_LARGE": 0.1, "MIN_SWEEP_SIZE": 1}
 #: Timed schedules: label, backend options, native module constants to set.
 SCHEDULES = (
     ("auto", {"schedule": "auto"}, {}),

@@ -7,8 +7,8 @@ the solutions in order, the same as solving them one by one with those seeds.
   machine (:class:`ThreadExecutor`; :func:`solve_many` for short).
 - ``make_executor("dask://HOST:PORT")`` (or ``tcp://HOST:PORT``): the workers of a
   running Dask cluster (``pip install "icbs-opt[dask]"``; docs/cluster.md). Each
-  task carries the problem's arrays (``Q``, ``k``, ``x0``, seed) and the backend's
-  registry name and parameters; the worker rebuilds the backend with
+  task carries the problem's arrays (``BlockProblem.to_arrays()``, groups
+  included), ``x0``, the seed, and the backend's registry name and parameters; the worker rebuilds the backend with
   ``get_backend(name, **parameters)``, so backend objects are never pickled.
 
 This module is the only place where problems are solved concurrently: backends
