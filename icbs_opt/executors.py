@@ -8,8 +8,9 @@ the solutions in order, the same as solving them one by one with those seeds.
 - ``make_executor("dask://HOST:PORT")`` (or ``tcp://HOST:PORT``): the workers of a
   running Dask cluster (``pip install "icbs-opt[dask]"``; docs/cluster.md). Each
   task carries the problem's arrays (``BlockProblem.to_arrays()``, groups
-  included), ``x0``, the seed, and the backend's registry name and parameters; the worker rebuilds the backend with
-  ``get_backend(name, **parameters)``, so backend objects are never pickled.
+  included), ``x0``, the seed, and the backend's registry name and parameters;
+  the worker rebuilds the backend with ``get_backend(name, **parameters)``, so
+  backend objects are never pickled.
 
 This module is the only place where problems are solved concurrently: backends
 only ``solve`` one problem (with :meth:`Backend.in_batch` to configure a batch).
@@ -60,6 +61,8 @@ _INSTALL = (
 
 #: Called as ``done(index, solution)`` as each answer of a batch arrives.
 Done = Callable[[int, Solution], None]
+#: One batch of solves: the problems, their seeds and their warm starts.
+Batch = tuple[list[BlockProblem], list[int | None], list[Any]]
 
 
 class Executor(abc.ABC):
@@ -105,24 +108,18 @@ class Executor(abc.ABC):
                 queued solves are then dropped, as they are on Ctrl-C).
             ExecutorError: If an answer is not a 0/1 vector of the problem's size.
         """
-        problems, seeds, x0s = check_batch(problems, seeds, x0s)
-        results: list[Any] = [None] * len(problems)
-        with contextlib.closing(self._solve(backend, problems, seeds, x0s)) as answers:
+        batch = check_batch(problems, seeds, x0s)
+        results: list[Any] = [None] * len(batch[0])
+        with contextlib.closing(self._solve(backend, batch)) as answers:
             for i, answer in answers:
-                results[i] = checked_answer(problems[i], answer, i)
+                results[i] = checked_answer(batch[0][i], answer, i)
                 if done is not None:
                     done(i, results[i])
         return results
 
     @abc.abstractmethod
-    def _solve(
-        self,
-        backend: Backend,
-        problems: list[BlockProblem],
-        seeds: list[int | None],
-        x0s: list[Any],
-    ) -> Iterator[tuple[int, Any]]:
-        """Yield ``(index, answer)`` for every problem, as the answers arrive.
+    def _solve(self, backend: Backend, batch: Batch) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, answer)`` for every problem of ``batch``, as they arrive.
 
         Closing the generator early (a failure or Ctrl-C in the caller) drops the
         solves not yet done.
@@ -164,14 +161,8 @@ class ThreadExecutor(Executor):
             else f"threads ({os.cpu_count() or 1} workers; braket: one per problem)"
         )
 
-    def _solve(
-        self,
-        backend: Backend,
-        problems: list[BlockProblem],
-        seeds: list[int | None],
-        x0s: list[Any],
-    ) -> Iterator[tuple[int, Solution]]:
-        jobs = list(zip(problems, seeds, x0s, strict=True))
+    def _solve(self, backend: Backend, batch: Batch) -> Iterator[tuple[int, Any]]:
+        jobs = list(zip(*batch, strict=True))
         threads = self.workers or backend.batch_threads(len(jobs))
         threads = min(threads, max(len(jobs), 1))
         with backend.in_batch(threads) as solver:
@@ -250,13 +241,8 @@ class DaskExecutor(Executor):
         self.description = f"{address} ({len(info)} workers, {threads} threads)"
         logger.info("connected to the Dask cluster at %s", self.description)
 
-    def _solve(
-        self,
-        backend: Backend,
-        problems: list[BlockProblem],
-        seeds: list[int | None],
-        x0s: list[Any],
-    ) -> Iterator[tuple[int, Any]]:
+    def _solve(self, backend: Backend, batch: Batch) -> Iterator[tuple[int, Any]]:
+        problems, seeds, x0s = batch
         name, parameters = _portable_spec(backend)
         for problem in problems:  # fail here, before anything is sent
             backend.check_size(problem)
@@ -382,10 +368,6 @@ def solve_many(
         True
     """
     return ThreadExecutor(workers).solve_many(backend, problems, seeds, x0s, done=done)
-
-
-#: One batch of solves: the problems, their seeds and their warm starts.
-Batch = tuple[list[BlockProblem], list[int | None], list[Any]]
 
 
 def check_batch(problems: Any, seeds: Any, x0s: Any = None) -> Batch:

@@ -317,7 +317,8 @@ class Lying(Executor):
 
     description = "lying"
 
-    def _solve(self, backend, problems, seeds, x0s):
+    def _solve(self, backend, batch):
+        problems, seeds, _ = batch
         honest = ((i, backend.solve(p, seed=s)) for i, (p, s) in enumerate(
             zip(problems, seeds, strict=True)))  # fmt: skip
         yield from tamper(honest)
@@ -354,8 +355,8 @@ def test_malformed_answers_are_refused():
     class Short(Executor):
         description = "short"
 
-        def _solve(self, backend, problems, seeds, x0s):
-            yield 0, dataclasses.replace(backend.solve(problems[0]), x=np.ones(3))
+        def _solve(self, backend, batch):
+            yield 0, dataclasses.replace(backend.solve(batch[0][0]), x=np.ones(3))
 
     problem = random_problem(8, 2, seed=0, group_size=4)
     with pytest.raises(
