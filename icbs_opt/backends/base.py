@@ -163,7 +163,9 @@ class Backend(abc.ABC):
 
     Subclasses set ``name``, ``options`` and optionally ``max_n``, and implement
     :meth:`_solve`. The base class validates options, the problem size and the warm
-    start, times the call and recomputes energy and feasibility.
+    start, times the call and recomputes energy and feasibility. A backend solves
+    one problem at a time; batches are the executors' (:mod:`icbs_opt.executors`),
+    and :meth:`batch_threads` and :meth:`in_batch` are a backend's only say in them.
 
     Args:
         **options: Values for the declared options (strings are parsed, as the
