@@ -4,12 +4,18 @@ An executor takes a backend and a batch of problems with their seeds and returns
 the solutions in order, the same as solving them one by one with those seeds.
 
 - ``make_executor()`` or ``make_executor("threads")``: a pool of threads on this
-  machine (:meth:`Backend.solve_many <icbs_opt.backends.base.Backend.solve_many>`).
+  machine (:class:`ThreadExecutor`; :func:`solve_many` for short).
 - ``make_executor("dask://HOST:PORT")`` (or ``tcp://HOST:PORT``): the workers of a
   running Dask cluster (``pip install "icbs-opt[dask]"``; docs/cluster.md). Each
-  task carries the problem's arrays (``Q``, ``k``, ``x0``, seed) and the backend's
-  registry name and parameters; the worker rebuilds the backend with
-  ``get_backend(name, **parameters)``, so backend objects are never pickled.
+  task carries the problem's arrays (``BlockProblem.to_arrays()``, groups
+  included), ``x0``, the seed, and the backend's registry name and parameters;
+  the worker rebuilds the backend with ``get_backend(name, **parameters)``, so
+  backend objects are never pickled.
+
+This module is the only place where problems are solved concurrently: backends
+only ``solve`` one problem (with :meth:`Backend.in_batch` to configure a batch).
+Every answer is checked against its problem here, wherever it was solved
+(:func:`checked_answer`).
 
 Example:
     >>> from icbs_opt.backends import get_backend
@@ -25,18 +31,22 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import logging
 import os
 import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
 
 from icbs_opt.backends import Backend, Solution, backend_class, get_backend
-from icbs_opt.backends.base import check_batch, check_workers
-from icbs_opt.errors import ExecutorError, ExecutorUnavailable
+from icbs_opt.backends.base import check_seed
+from icbs_opt.checks import check_int
+from icbs_opt.errors import ExecutorError, ExecutorUnavailable, ProblemError
 from icbs_opt.problems import BlockProblem
 
 logger = logging.getLogger(__name__)
@@ -51,10 +61,17 @@ _INSTALL = (
 
 #: Called as ``done(index, solution)`` as each answer of a batch arrives.
 Done = Callable[[int, Solution], None]
+#: One batch of solves: the problems, their seeds and their warm starts.
+Batch = tuple[list[BlockProblem], list[int | None], list[Any]]
 
 
 class Executor(abc.ABC):
     """Solves batches of block problems; a context manager that closes itself.
+
+    Subclasses implement :meth:`_solve`, which yields the backend's answers as
+    they arrive; :meth:`solve_many` checks the batch, checks every answer
+    against its problem here (energy and feasibility recomputed, never taken
+    from where it was solved) and calls ``done``.
 
     Attributes:
         description: What it runs on, e.g. ``"threads (2 workers)"``.
@@ -62,7 +79,6 @@ class Executor(abc.ABC):
 
     description: str
 
-    @abc.abstractmethod
     def solve_many(
         self,
         backend: Backend,
@@ -80,10 +96,33 @@ class Executor(abc.ABC):
             seeds: One seed per problem.
             x0s: ``None``, or one warm start (or ``None``) per problem.
             done: Called in the calling thread as ``done(index, solution)`` as each
-                answer arrives, e.g. to advance a progress bar.
+                answer arrives (in completion order), e.g. for a progress bar.
 
         Returns:
-            The solutions, in the order of ``problems``.
+            The solutions, in the order of ``problems``, each with ``energy`` and
+            ``feasible`` recomputed from its problem.
+
+        Raises:
+            ProblemError: If ``seeds`` or ``x0s`` has not one entry per problem,
+                or for what :meth:`Backend.solve` raises (the first failure; the
+                queued solves are then dropped, as they are on Ctrl-C).
+            ExecutorError: If an answer is not a 0/1 vector of the problem's size.
+        """
+        batch = check_batch(problems, seeds, x0s)
+        results: list[Any] = [None] * len(batch[0])
+        with contextlib.closing(self._solve(backend, batch)) as answers:
+            for i, answer in answers:
+                results[i] = checked_answer(batch[0][i], answer, i)
+                if done is not None:
+                    done(i, results[i])
+        return results
+
+    @abc.abstractmethod
+    def _solve(self, backend: Backend, batch: Batch) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, answer)`` for every problem of ``batch``, as they arrive.
+
+        Closing the generator early (a failure or Ctrl-C in the caller) drops the
+        solves not yet done.
         """
 
     def close(self) -> None:
@@ -101,11 +140,17 @@ class Executor(abc.ABC):
 
 
 class ThreadExecutor(Executor):
-    """Threads on this machine, through ``backend.solve_many``.
+    """Threads on this machine; one thread: serially in the calling thread.
+
+    Each batch runs through :meth:`Backend.in_batch` (native: one stop flag per
+    batch, one OpenMP thread per solve when several run side by side). Threads
+    give real speed-up where a backend releases the GIL (native) or waits on a
+    device (braket).
 
     Args:
         workers: Threads per batch (an integer >= 1); ``None``: the backend's
-            default (``os.cpu_count()``; braket: one per problem).
+            :meth:`Backend.batch_threads` (``os.cpu_count()``; braket: one per
+            problem).
     """
 
     def __init__(self, workers: int | None = None):
@@ -116,19 +161,34 @@ class ThreadExecutor(Executor):
             else f"threads ({os.cpu_count() or 1} workers; braket: one per problem)"
         )
 
-    def solve_many(
-        self,
-        backend: Backend,
-        problems: Sequence[BlockProblem],
-        seeds: Sequence[int | None],
-        x0s: Sequence[np.ndarray | None] | None = None,
-        *,
-        done: Done | None = None,
-    ) -> list[Solution]:
-        """Solve the batch in threads; see :meth:`Executor.solve_many`."""
-        return backend.solve_many(
-            problems, seeds=seeds, x0s=x0s, workers=self.workers, done=done
-        )
+    def _solve(self, backend: Backend, batch: Batch) -> Iterator[tuple[int, Any]]:
+        jobs = list(zip(*batch, strict=True))
+        threads = self.workers or backend.batch_threads(len(jobs))
+        threads = min(threads, max(len(jobs), 1))
+        with backend.in_batch(threads) as solver:
+            if threads == 1:
+                for i, (problem, seed, x0) in enumerate(jobs):
+                    yield i, solver.solve(problem, seed=seed, x0=x0)
+            else:
+                yield from _in_threads(solver, jobs, threads)
+
+
+def _in_threads(
+    solver: Backend, jobs: list[tuple[BlockProblem, int | None, Any]], threads: int
+) -> Iterator[tuple[int, Solution]]:
+    """Solve ``jobs`` in a pool of ``threads``; yield answers as they finish."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=f"icbs-{solver.name}")
+    try:
+        futures = {
+            pool.submit(solver.solve, problem, seed=seed, x0=x0): i
+            for i, (problem, seed, x0) in enumerate(jobs)
+        }
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    except BaseException:  # a failure, Ctrl-C or an early close: drop the queue
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 class DaskExecutor(Executor):
@@ -181,32 +241,17 @@ class DaskExecutor(Executor):
         self.description = f"{address} ({len(info)} workers, {threads} threads)"
         logger.info("connected to the Dask cluster at %s", self.description)
 
-    def solve_many(
-        self,
-        backend: Backend,
-        problems: Sequence[BlockProblem],
-        seeds: Sequence[int | None],
-        x0s: Sequence[np.ndarray | None] | None = None,
-        *,
-        done: Done | None = None,
-    ) -> list[Solution]:
-        """Solve the batch on the cluster; see :meth:`Executor.solve_many`."""
-        problems, seeds, x0s = check_batch(problems, seeds, x0s)
+    def _solve(self, backend: Backend, batch: Batch) -> Iterator[tuple[int, Any]]:
+        problems, seeds, x0s = batch
         name, parameters = _portable_spec(backend)
-        if not problems:
-            return []
         for problem in problems:  # fail here, before anything is sent
             backend.check_size(problem)
         jobs = [
             (p.to_arrays(), None if x is None else np.asarray(x), s)
             for p, s, x in zip(problems, seeds, x0s, strict=True)
         ]
-        results: list[Any] = [None] * len(jobs)
-        for i, solution in self._run(name, parameters, jobs):
-            results[i] = solution
-            if done is not None:
-                done(i, solution)
-        return results
+        if jobs:
+            yield from self._run(name, parameters, jobs)
 
     def _run(
         self, name: str, parameters: dict[str, Any], jobs: list[tuple[Any, ...]]
@@ -302,8 +347,105 @@ def executor_address(spec: str | None) -> str | None:
     return f"tcp://{match['host']}:{int(match['port'])}"
 
 
+def solve_many(
+    backend: Backend,
+    problems: Sequence[BlockProblem],
+    seeds: Sequence[int | None],
+    x0s: Sequence[np.ndarray | None] | None = None,
+    *,
+    workers: int | None = None,
+    done: Done | None = None,
+) -> list[Solution]:
+    """Solve a batch in threads here: ``ThreadExecutor(workers).solve_many(...)``.
+
+    Example:
+        >>> from icbs_opt.backends import get_backend
+        >>> from icbs_opt.problems import random_problem
+        >>> backend = get_backend("exhaustive")
+        >>> problems = [random_problem(6, seed=i) for i in range(3)]
+        >>> many = solve_many(backend, problems, [0, 1, 2], workers=2)
+        >>> [s.energy for s in many] == [backend.solve(p).energy for p in problems]
+        True
+    """
+    return ThreadExecutor(workers).solve_many(backend, problems, seeds, x0s, done=done)
+
+
+def check_batch(problems: Any, seeds: Any, x0s: Any = None) -> Batch:
+    """The arguments of ``solve_many`` as three lists of equal length.
+
+    Args:
+        problems: A sequence of :class:`BlockProblem`.
+        seeds: One seed (non-negative int or ``None``) per problem.
+        x0s: ``None``, or one warm start (or ``None``) per problem.
+
+    Raises:
+        ProblemError: If a problem is not a BlockProblem, a seed is bad, or
+            ``seeds`` or ``x0s`` has not one entry per problem.
+
+    Example:
+        >>> from icbs_opt.problems import random_problem
+        >>> problems, seeds, x0s = check_batch([random_problem(4, seed=0)], [7])
+        >>> seeds, x0s
+        ([7], [None])
+    """
+    problems, seeds = list(problems), list(seeds)
+    for i, problem in enumerate(problems):
+        if not isinstance(problem, BlockProblem):
+            raise ProblemError(
+                f"problems[{i}] must be a BlockProblem, got {type(problem).__name__}"
+            )
+    x0s = [None] * len(problems) if x0s is None else list(x0s)
+    for label, values in (("seeds", seeds), ("x0s", x0s)):
+        if len(values) != len(problems):
+            raise ProblemError(
+                f"{label} must have one entry per problem ({len(problems)}), "
+                f"got {len(values)}"
+            )
+    seeds = [None if s is None else check_seed(s) for s in seeds]
+    return problems, seeds, x0s
+
+
+def checked_answer(problem: BlockProblem, answer: Any, index: int = 0) -> Solution:
+    """``answer`` with its energy and feasibility recomputed from ``problem``.
+
+    Wherever a problem was solved (a thread, a Dask worker), what the solver says
+    of its answer is not trusted: the energy is ``x^T Q x`` of the problem here,
+    and the answer is feasible only if every group has its count.
+
+    Args:
+        problem: The problem that was sent.
+        answer: What came back for it.
+        index: Its index in the batch, for the error message.
+
+    Raises:
+        ExecutorError: If ``answer`` is not a Solution whose ``x`` is a 0/1
+            vector of length n.
+
+    Example:
+        >>> p = BlockProblem(np.eye(4), 1, groups=[0, 0, 1, 1])  # one per group
+        >>> lie = Solution(np.array([1, 1, 0, 0]), -5.0, True, 0.1)
+        >>> fixed = checked_answer(p, lie)
+        >>> fixed.energy, fixed.feasible
+        (2.0, False)
+    """
+    x = np.asarray(getattr(answer, "x", None))
+    if not isinstance(answer, Solution) or x.shape != (problem.n,):
+        raise ExecutorError(
+            f"answer {index} is not a Solution with a 0/1 vector of length "
+            f"n = {problem.n}: got {type(answer).__name__} with x of shape {x.shape}"
+        )
+    if not np.isin(x, (0, 1)).all():
+        raise ExecutorError(
+            f"answer {index} has values other than 0 and 1: {np.unique(x)[:5]}"
+        )
+    x = x.astype(np.int8)
+    feasible = problem.is_feasible(x)
+    return dataclasses.replace(answer, x=x, energy=problem.energy(x), feasible=feasible)
+
+
 def _check_workers(workers: Any) -> int:
-    return check_workers(workers, error=ExecutorError)
+    """``workers`` as an int >= 1."""
+    return check_int(workers, "workers", minimum=1, error=ExecutorError)
 
 
 def _import_distributed() -> Any:

@@ -9,7 +9,8 @@ Use it from a test module by subclassing::
 
 The class is parametrised over every registered backend. Grouped (N:M) problems
 have their own cases: exact optima against brute force, feasibility in every
-group and warm starts checked per group. Override
+group, warm starts checked per group, and a batch of grouped and ungrouped
+problems through the threads executor giving the one-by-one answers. Override
 :meth:`BackendConformance.make_backend` to hand a backend test-only options (for
 example a local device for a cloud backend, or fewer iterations for a slow one).
 Requires pytest.
@@ -24,6 +25,7 @@ import pytest
 
 from icbs_opt.backends import Backend, get_backend, registered_backends
 from icbs_opt.errors import BackendError, ProblemTooLarge
+from icbs_opt.executors import make_executor
 from icbs_opt.problems import BlockProblem, random_problem
 
 #: Largest n :func:`exact_optimum` enumerates (``2^n`` points).
@@ -186,3 +188,24 @@ class BackendConformance:
             ValueError, match="x0 must have exactly 2 ones in group 0, got 3"
         ):
             backend.solve(problem, x0=[1, 1, 1, 0, 1, 0, 0, 0])
+
+    # ------------------------------------------------------------- executors
+    def test_grouped_batch_in_threads_matches_one_by_one(
+        self, backend: Backend
+    ) -> None:
+        """A batch with grouped problems in threads gives the one-by-one answers."""
+        limit = backend.size_limit()
+        problems = grouped_problems(4, limit) + [random_problem(6, 2, seed=9)]
+        seeds = [10 + i for i in range(len(problems))]
+        x0s = [None if i % 2 else p.random_feasible(i) for i, p in enumerate(problems)]
+        alone = [
+            self._check(backend, p, seed=s, x0=x)
+            for p, s, x in zip(problems, seeds, x0s, strict=True)
+        ]
+        with make_executor("threads", workers=3) as executor:
+            batch = executor.solve_many(backend, problems, seeds, x0s)
+        for problem, one, many in zip(problems, alone, batch, strict=True):
+            assert many.x.tolist() == one.x.tolist()
+            assert many.energy == one.energy and many.feasible
+            counts = problem.count_ones(many.x).tolist()
+            assert counts == problem.group_counts.tolist()

@@ -1,5 +1,6 @@
 """Batches of block problems: serial, threads and a real Dask LocalCluster agree."""
 
+import dataclasses
 import sys
 import threading
 import time
@@ -11,12 +12,17 @@ from test_backends import FAST_OPTIONS
 from icbs_opt.backends import available_backends, backend_class, get_backend
 from icbs_opt.cli import main
 from icbs_opt.errors import (
-    BackendError,
     ExecutorError,
     ExecutorUnavailable,
     ProblemError,
 )
-from icbs_opt.executors import _solve_on_worker, make_executor
+from icbs_opt.executors import (
+    DaskExecutor,
+    Executor,
+    _solve_on_worker,
+    make_executor,
+    solve_many,
+)
 from icbs_opt.problems import BlockProblem, random_problem
 
 BACKENDS = list(available_backends())
@@ -87,7 +93,7 @@ def test_solve_many_equals_solve(name, dask_executor):
         backend.solve(p, seed=s, x0=x)
         for p, s, x in zip(problems, seeds, x0s, strict=True)
     ]
-    assert_same(serial, backend.solve_many(problems, seeds=seeds, x0s=x0s, workers=1))
+    assert_same(serial, solve_many(backend, problems, seeds, x0s, workers=1))
     seen = []
     threads = make_executor(workers=3).solve_many(
         backend, problems, seeds, x0s, done=lambda i, sol: seen.append(i)
@@ -128,7 +134,7 @@ def test_dask_basics(dask_executor):
     with make_executor(dask_executor.address, workers=1) as one:
         problems = [random_problem(8, 4, seed=i) for i in range(3)]
         native = get_backend("native", num_restarts=2)
-        expected = native.solve_many(problems, seeds=[5, 6, 7])
+        expected = solve_many(native, problems, [5, 6, 7])
         assert_same(expected, one.solve_many(native, problems, [5, 6, 7]))
 
 
@@ -182,23 +188,23 @@ def test_bad_batches():
     with pytest.raises(
         ProblemError, match=r"seeds must have one entry per problem \(2\), got 1"
     ):
-        backend.solve_many(problems, seeds=[0])
+        solve_many(backend, problems, [0])
     with pytest.raises(
         ProblemError, match=r"x0s must have one entry per problem \(2\), got 3"
     ):
-        backend.solve_many(problems, seeds=[0, 1], x0s=[None] * 3)
+        solve_many(backend, problems, [0, 1], [None] * 3)
     with pytest.raises(ProblemError, match="problems\\[1\\] must be a BlockProblem"):
-        backend.solve_many([problems[0], "p"], seeds=[0, 1])
+        solve_many(backend, [problems[0], "p"], [0, 1])
     with pytest.raises(ProblemError, match="seed must be a non-negative integer"):
-        backend.solve_many(problems, seeds=[0, -1])
+        solve_many(backend, problems, [0, -1])
     for bad in (0, -2, 1.5, "x", True):
         message = f"workers must be an integer >= 1, got {bad!r}"
-        with pytest.raises(BackendError, match=message):
-            backend.solve_many(problems, seeds=[0, 1], workers=bad)
+        with pytest.raises(ExecutorError, match=message):
+            solve_many(backend, problems, [0, 1], workers=bad)
     bad_x0 = [None, [1, 1, 1, 0]]
     with pytest.raises(ProblemError, match="x0 must have exactly k = 2 ones, got 3"):
-        backend.solve_many(problems, seeds=[0, 1], x0s=bad_x0, workers=2)
-    assert backend.solve_many([], seeds=[]) == []
+        solve_many(backend, problems, [0, 1], bad_x0, workers=2)
+    assert solve_many(backend, [], []) == []
 
 
 def test_bad_executors(monkeypatch):
@@ -282,5 +288,98 @@ def test_threads_stop_after_a_failure():
 
     problems = [BlockProblem([[1.0]], 0)] * 50
     with pytest.raises(ProblemError, match="boom"):
-        Failing().solve_many(problems, seeds=range(50), workers=2)
+        solve_many(Failing(), problems, range(50), workers=2)
     assert len(calls) < 50  # the queued solves were cancelled
+
+
+# ------------------------------------- answers are checked where they arrive
+def across_groups(x):
+    """``x`` with a one of group 0 moved to a zero of group 1 (groups of 4)."""
+    x = x.copy()
+    x[np.flatnonzero(x[:4] == 1)[0]] = 0
+    x[4 + np.flatnonzero(x[4:8] == 0)[0]] = 1
+    return x
+
+
+def tamper(answers):
+    """Answers that break a group count (same total) and claim a great energy."""
+    for i, sol in answers:
+        yield (
+            i,
+            dataclasses.replace(
+                sol, x=across_groups(sol.x), energy=-1e9, feasible=True
+            ),
+        )
+
+
+class Lying(Executor):
+    """Solves here, then hands back tampered answers (as a bad worker might)."""
+
+    description = "lying"
+
+    def _solve(self, backend, batch):
+        problems, seeds, _ = batch
+        honest = ((i, backend.solve(p, seed=s)) for i, (p, s) in enumerate(
+            zip(problems, seeds, strict=True)))  # fmt: skip
+        yield from tamper(honest)
+
+
+def assert_exposed(problems, got):
+    for problem, sol in zip(problems, got, strict=True):
+        assert problem.count_ones(sol.x).tolist() == [1, 3]  # the tampered answer
+        assert sol.feasible is False
+        assert sol.energy == problem.energy(sol.x) != -1e9
+
+
+def test_tampered_answers_are_reported_infeasible_with_true_energy():
+    problems = [random_problem(8, 2, seed=s, group_size=4) for s in range(3)]
+    seen = []
+    got = Lying().solve_many(
+        get_backend("native"), problems, [0, 1, 2], done=lambda i, s: seen.append(s)
+    )
+    assert_exposed(problems, got)
+    assert seen == got  # done sees the checked answers
+
+
+def test_tampered_dask_answers_are_checked_on_the_client(dask_executor, monkeypatch):
+    real = DaskExecutor._run
+    monkeypatch.setattr(
+        DaskExecutor, "_run", lambda self, *args: tamper(real(self, *args))
+    )
+    problems = [random_problem(8, 2, seed=s, group_size=4) for s in range(2)]
+    assert_exposed(problems, dask_executor.solve_many(get_backend("exhaustive"),
+                                                      problems, [0, 1]))  # fmt: skip
+
+
+def test_malformed_answers_are_refused():
+    class Short(Executor):
+        description = "short"
+
+        def _solve(self, backend, batch):
+            yield 0, dataclasses.replace(backend.solve(batch[0][0]), x=np.ones(3))
+
+    problem = random_problem(8, 2, seed=0, group_size=4)
+    with pytest.raises(
+        ExecutorError,
+        match=r"answer 0 is not a Solution with a 0/1 vector of length n = 8: got "
+        r"Solution with x of shape \(3,\)",
+    ):
+        Short().solve_many(get_backend("exhaustive"), [problem], [0])
+
+
+def test_a_failing_done_callback_drops_the_queued_solves():
+    calls = []
+
+    class Slow(type(get_backend("exhaustive"))):
+        def _solve(self, problem, *, seed, x0):
+            calls.append(seed)
+            time.sleep(0.02)
+            return super()._solve(problem, seed=seed, x0=x0)
+
+    def done(index, solution):
+        raise RuntimeError("progress bar broke")
+
+    problems = [BlockProblem([[1.0]], 0)] * 50
+    with pytest.raises(RuntimeError, match="progress bar broke"):
+        solve_many(Slow(), problems, range(50), workers=2, done=done)
+    assert len(calls) < 50

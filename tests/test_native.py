@@ -18,6 +18,7 @@ from icbs_opt.backends import get_backend
 from icbs_opt.backends import native as native_module
 from icbs_opt.cli import main
 from icbs_opt.errors import BackendError, ProblemError
+from icbs_opt.executors import solve_many
 from icbs_opt.problems import BlockProblem, random_problem
 
 _native = pytest.importorskip("icbs_opt._native")
@@ -244,12 +245,20 @@ def test_sweeps_of_small_problems_have_min_sweep_size_proposals():
     assert info["sweep_size"] == native_module.MIN_SWEEP_SIZE
 
 
-def test_auto_schedule_hits_its_acceptance_target():
-    # Every swap of the start state is sampled (k (n - k) = 25 <= AUTO_SAMPLES), so
-    # the mean uphill acceptance at beta_min can be recomputed exactly.
-    problem = random_problem(10, 5, seed=4)
+@pytest.mark.parametrize(
+    ("n", "k", "target"),
+    [(10, 5, "AUTO_ACCEPT_SMALL"), (64, 20, "AUTO_ACCEPT_SMALL"),
+     (65, 20, "AUTO_ACCEPT_LARGE"), (200, 8, "AUTO_ACCEPT_LARGE")],
+)  # fmt: skip
+def test_auto_schedule_hits_its_acceptance_target(n, k, target):
+    # Every swap of the start state is sampled (k (n - k) <= AUTO_SAMPLES), so
+    # the mean uphill acceptance at beta_min can be recomputed exactly: hot for
+    # n <= SMALL_N (exact on small problems), colder above (fast on real blocks).
+    assert native_module.SMALL_N == 64
+    problem = random_problem(n, k, seed=4)
     x0 = problem.random_feasible(seed=0)
     info = native(num_restarts=1).solve(problem, seed=0, x0=x0).info
+    assert info["auto_accept"] == getattr(native_module, target)
     ones, zeros = np.flatnonzero(x0), np.flatnonzero(x0 == 0)
     Q, f = problem.Q, problem.Q @ x0
     d = [
@@ -259,7 +268,7 @@ def test_auto_schedule_hits_its_acceptance_target():
     ]
     up = np.array([v for v in d if v > 0])
     acceptance = np.exp(-info["beta_min"] * up).mean()
-    assert acceptance == pytest.approx(native_module.AUTO_ACCEPT, rel=1e-4)
+    assert acceptance == pytest.approx(info["auto_accept"], rel=1e-4)
 
 
 def test_docs_quote_the_schedule_constants():
@@ -269,7 +278,9 @@ def test_docs_quote_the_schedule_constants():
         "FIXED_BETA_MIN",
         "FIXED_BETA_MAX",
         "AUTO_SAMPLES",
-        "AUTO_ACCEPT",
+        "AUTO_ACCEPT_SMALL",
+        "AUTO_ACCEPT_LARGE",
+        "SMALL_N",
         "AUTO_RANGE",
         "MIN_SWEEP_SIZE",
         "MIN_BETA_FACTOR",
@@ -292,6 +303,7 @@ def test_info_fixed_schedule_defaults_to_reference():
         native_module.FIXED_BETA_MAX,
     )
     assert info["num_betas"] == 121  # 1e-3 * 1.1**120 <= 100 < 1e-3 * 1.1**121
+    assert info["auto_accept"] is None
     sweeps = native(schedule="fixed", sweeps_per_beta=3).solve(
         random_problem(30, seed=0), seed=0
     )
@@ -444,10 +456,12 @@ def test_grouped_solve_many_matches_solve():
     problems = [random_problem(64, 2, seed=s, group_size=4) for s in range(3)]
     problems.append(BlockProblem(np.eye(6), [1, 0, 2], groups=[0, 1, 2, 0, 2, 2]))
     backend = native(num_restarts=2)
-    batch = backend.solve_many(problems, seeds=[5, 6, 7, 8], workers=2)
+    batch = solve_many(backend, problems, [5, 6, 7, 8], workers=2)
     for problem, seed, sol in zip(problems, [5, 6, 7, 8], batch, strict=True):
         assert_feasible_per_group(problem, sol)
         assert sol.x.tolist() == backend.solve(problem, seed=seed).x.tolist()
+        assert sol.info["num_threads"] == 1  # side by side: one thread each
+    assert backend.parameters["num_threads"] == 0  # the batch ran on a copy
 
 
 def test_single_group_is_the_ungrouped_problem():
@@ -519,7 +533,7 @@ def test_grouped_auto_schedule_hits_its_acceptance_target():
     ]
     up = np.array([v for v in d if v > 0])
     acceptance = np.exp(-info["beta_min"] * up).mean()
-    assert acceptance == pytest.approx(native_module.AUTO_ACCEPT, rel=1e-4)
+    assert acceptance == pytest.approx(native_module.AUTO_ACCEPT_SMALL, rel=1e-4)
 
 
 def test_grouped_proposals_uniform_over_feasible_swaps():
@@ -778,7 +792,7 @@ def test_ctrl_c_ends_solve_many_within_a_second(big_problem):
     start = time.perf_counter()
     try:
         with pytest.raises(KeyboardInterrupt):
-            native(**LONG).solve_many([big_problem] * 3, seeds=[0, 1, 2], workers=2)
+            solve_many(native(**LONG), [big_problem] * 3, [0, 1, 2], workers=2)
     finally:
         timer.cancel()
     assert time.perf_counter() - start < 1.5

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -99,20 +99,6 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def check_workers(workers: Any, *, error: type[ValueError] = BackendError) -> int:
-    """``workers`` as an int >= 1; ``None`` means ``os.cpu_count()``.
-
-    Example:
-        >>> check_workers(2)
-        2
-        >>> check_workers(None) >= 1
-        True
-    """
-    if workers is None:
-        return os.cpu_count() or 1
-    return check_int(workers, "workers", minimum=1, error=error)
-
-
 def best_repaired(
     problem: BlockProblem, samples: np.ndarray
 ) -> tuple[np.ndarray, float, int]:
@@ -140,45 +126,6 @@ def best_repaired(
         if e < best_e:
             best_x, best_e = x, e
     return best_x, float(best_e), int(ok.sum())
-
-
-#: One batch of solves: the problems, their seeds and their warm starts.
-Batch = tuple[list[BlockProblem], list[int | None], list[Any]]
-
-
-def check_batch(problems: Any, seeds: Any, x0s: Any = None) -> Batch:
-    """The arguments of ``solve_many`` as three lists of equal length.
-
-    Args:
-        problems: A sequence of :class:`BlockProblem`.
-        seeds: One seed (non-negative int or ``None``) per problem.
-        x0s: ``None``, or one warm start (or ``None``) per problem.
-
-    Raises:
-        ProblemError: If a problem is not a BlockProblem, a seed is bad, or
-            ``seeds`` or ``x0s`` has not one entry per problem.
-
-    Example:
-        >>> from icbs_opt.problems import random_problem
-        >>> problems, seeds, x0s = check_batch([random_problem(4, seed=0)], [7])
-        >>> seeds, x0s
-        ([7], [None])
-    """
-    problems, seeds = list(problems), list(seeds)
-    for i, problem in enumerate(problems):
-        if not isinstance(problem, BlockProblem):
-            raise ProblemError(
-                f"problems[{i}] must be a BlockProblem, got {type(problem).__name__}"
-            )
-    x0s = [None] * len(problems) if x0s is None else list(x0s)
-    for label, values in (("seeds", seeds), ("x0s", x0s)):
-        if len(values) != len(problems):
-            raise ProblemError(
-                f"{label} must have one entry per problem ({len(problems)}), "
-                f"got {len(values)}"
-            )
-    seeds = [None if s is None else check_seed(s) for s in seeds]
-    return problems, seeds, x0s
 
 
 @dataclass(frozen=True)
@@ -216,7 +163,9 @@ class Backend(abc.ABC):
 
     Subclasses set ``name``, ``options`` and optionally ``max_n``, and implement
     :meth:`_solve`. The base class validates options, the problem size and the warm
-    start, times the call and recomputes energy and feasibility.
+    start, times the call and recomputes energy and feasibility. A backend solves
+    one problem at a time; batches are the executors' (:mod:`icbs_opt.executors`),
+    and :meth:`batch_threads` and :meth:`in_batch` are a backend's only say in them.
 
     Args:
         **options: Values for the declared options (strings are parsed, as the
@@ -323,90 +272,26 @@ class Backend(abc.ABC):
         x = problem.decode(x)
         return Solution(x, problem.energy(x), problem.is_feasible(x), seconds, info)
 
-    def solve_many(
-        self,
-        problems: Sequence[BlockProblem],
-        *,
-        seeds: Sequence[int | None],
-        x0s: Sequence[Any] | None = None,
-        workers: int | None = None,
-        done: Callable[[int, Solution], None] | None = None,
-    ) -> list[Solution]:
-        """Solve several problems at once in a pool of threads.
+    def batch_threads(self, count: int) -> int:
+        """Threads an executor runs a batch of ``count`` problems on, if not told.
 
-        The answers equal ``[solve(p, seed=s, x0=x) for p, s, x in ...]``: each
-        solve depends only on its own problem, seed and warm start. Threads give
-        real speed-up where a backend releases the GIL (native) or waits on a
-        device (braket).
-
-        Args:
-            problems: The block problems.
-            seeds: One seed per problem.
-            x0s: ``None``, or one warm start (or ``None``) per problem.
-            workers: Threads; ``None``: the backend's default (``os.cpu_count()``,
-                braket: one per problem); 1: serially in the calling thread.
-            done: Called in the calling thread as ``done(index, solution)`` as each
-                answer arrives (in completion order), e.g. for a progress bar.
-
-        Returns:
-            The solutions, in the order of ``problems``.
-
-        Raises:
-            ProblemError: If ``seeds`` or ``x0s`` has not one entry per problem, or
-                for what :meth:`solve` raises (the first failure; queued solves
-                are then cancelled, as they are on ``KeyboardInterrupt``).
-            BackendError: If ``workers`` is not an integer >= 1.
-
-        Example:
-            >>> from icbs_opt.backends import get_backend
-            >>> from icbs_opt.problems import random_problem
-            >>> backend = get_backend("exhaustive")
-            >>> problems = [random_problem(6, seed=i) for i in range(3)]
-            >>> many = backend.solve_many(problems, seeds=[0, 1, 2], workers=2)
-            >>> [s.energy for s in many] == [backend.solve(p).energy for p in problems]
-            True
+        The machine's cores; a backend that waits on a device instead of
+        computing (braket) takes one thread per problem.
         """
-        problems, seeds, x0s = check_batch(problems, seeds, x0s)
-        if workers is None:
-            workers = self._default_workers(len(problems))
-        workers = min(check_workers(workers), max(len(problems), 1))
-        jobs = list(zip(problems, seeds, x0s, strict=True))
-        if workers == 1:
-            results = []
-            for i, (problem, seed, x0) in enumerate(jobs):
-                results.append(self.solve(problem, seed=seed, x0=x0))
-                if done is not None:
-                    done(i, results[-1])
-            return results
-        return self._solve_in_threads(jobs, workers, done)
-
-    def _default_workers(self, count: int) -> int:
-        """Threads of :meth:`solve_many` when ``workers`` is None (``count`` jobs)."""
         return os.cpu_count() or 1
 
-    def _solve_in_threads(
-        self,
-        jobs: list[tuple[BlockProblem, int | None, Any]],
-        workers: int,
-        done: Callable[[int, Solution], None] | None,
-    ) -> list[Solution]:
-        pool = ThreadPoolExecutor(workers, thread_name_prefix=f"icbs-{self.name}")
-        results: list[Any] = [None] * len(jobs)
-        try:
-            futures = {
-                pool.submit(self.solve, problem, seed=seed, x0=x0): i
-                for i, (problem, seed, x0) in enumerate(jobs)
-            }
-            for future in as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                if done is not None:
-                    done(i, results[i])
-        except BaseException:  # a failure or Ctrl-C: drop the queued solves
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
-        return results
+    @contextlib.contextmanager
+    def in_batch(self, threads: int) -> Iterator[Backend]:
+        """The backend that solves one batch, from ``threads`` threads at once.
+
+        An executor calls :meth:`solve` of what this yields for every problem of
+        the batch, and leaves the block when the batch ends (an exception, Ctrl-C
+        included, is raised through it). The default yields ``self``; a backend
+        overrides it when a batch needs other settings than a lone solve
+        (native: one thread per solve when several run side by side, and one stop
+        flag that ends every running solve when the batch fails).
+        """
+        yield self
 
     @abc.abstractmethod
     def _solve(

@@ -344,10 +344,11 @@ class BraketBackend(_QaoaBackend):
     ARN, access denied, device offline, circuit too wide, failed or timed-out
     task) raises :class:`BackendUnavailable` with one message saying what to fix.
 
-    :meth:`solve_many` uses threads that each submit, not the SDK's task batches:
-    each problem's angle search runs in its own thread (``workers`` None: one per
-    problem), so the first task of every problem is submitted without waiting
-    for another problem's results, and the device queue holds one task of each
+    A threads executor runs a batch in threads that each submit, not the SDK's
+    task batches: each problem's angle search runs in its own thread
+    (:meth:`batch_threads`: one per problem when ``workers`` is None), so the
+    first task of every problem is submitted without waiting for another
+    problem's results, and the device queue holds one task of each
     problem at a time. Within one problem each task waits for the one before,
     because the optimiser picks the next angles from its result. Each answer's
     ``info["tracker"]`` counts only its own tasks.
@@ -386,7 +387,7 @@ class BraketBackend(_QaoaBackend):
         """False when built with a ``device`` object (it cannot be rebuilt)."""
         return self._device is None
 
-    def _default_workers(self, count: int) -> int:
+    def batch_threads(self, count: int) -> int:
         """One thread per problem, so every problem's tasks are queued at once."""
         return max(count, 1)
 
@@ -580,7 +581,7 @@ def _thread_tracker() -> Any:
     """A ``braket.tracking.Tracker`` of the tasks created by the calling thread.
 
     Trackers listen to every task of the process, so with solves running in
-    parallel threads (``solve_many``) a plain one would count the other
+    parallel threads (a threads executor's batch) a plain one would count the other
     threads' tasks too. A task's creation event is sent by the thread that
     creates it, and a tracker takes status and completion events only for tasks
     it holds, so dropping other threads' creation events is enough.

@@ -14,6 +14,7 @@ Ocean is imported inside methods, so importing icbs_opt never needs it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -55,6 +56,10 @@ SIM_TOPOLOGY = ("pegasus", (16,))
 SIM_MAX_CLIQUE = 180
 #: Most reads of one QPU problem (Advantage's ``num_reads_range``).
 MAX_READS = 10000
+#: Held around each clique-embedded sample: minorminer's clique cache renames its
+#: files after releasing its own locks, so two threads of one process looking up
+#: a clique at once can fail (``No such file or directory: .../.lru~``).
+_CLIQUE_CACHE = threading.Lock()
 
 
 def _missing_extra() -> str | None:
@@ -356,7 +361,7 @@ class DWaveQPUBackend(Backend):
         penalty = p["penalty"]
         if penalty is None:
             penalty = QPU_PENALTY_FRACTION * problem.default_penalty()
-        sampler = self._embedding_sampler(self._child(seed), problem.n)
+        child = self._child(seed)
         kwargs: dict[str, Any] = {
             "num_reads": p["num_reads"],
             "answer_mode": "raw",
@@ -365,7 +370,10 @@ class DWaveQPUBackend(Backend):
         }
         if p["annealing_time"] is not None:
             kwargs["annealing_time"] = p["annealing_time"]
-        sampleset = self._sample(sampler, problem.to_bqm(penalty), kwargs)
+        clique = p["embedding"] == "clique"
+        with _CLIQUE_CACHE if clique else contextlib.nullcontext():
+            sampler = self._embedding_sampler(child, problem.n)
+            sampleset = self._sample(sampler, problem.to_bqm(penalty), kwargs)
         samples = _sample_matrix(sampleset)  # (reads, n) unembedded
         x, energy, ok = best_repaired(problem, samples)
         context = sampleset.info["embedding_context"]
@@ -379,7 +387,7 @@ class DWaveQPUBackend(Backend):
             ),
             "raw_feasible_fraction": ok / len(samples),
             "reads": len(samples),
-            "embedding": "clique" if p["embedding"] == "clique" else "given",
+            "embedding": "clique" if clique else "given",
             "qubits": int(sum(chains)),
             "max_chain_length": int(max(chains)),
             "qpu_access_time": sampleset.info.get("timing", {}).get("qpu_access_time"),

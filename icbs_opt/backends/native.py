@@ -26,18 +26,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import queue
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from icbs_opt.backends.base import Backend, Option, Solution, choice_option
+from icbs_opt.backends.base import Backend, Option, choice_option
 from icbs_opt.checks import check_float, check_int
 from icbs_opt.errors import BackendError
 from icbs_opt.problems import BlockProblem
@@ -55,9 +56,16 @@ FIXED_BETA_MAX = 100.0
 #: ``schedule="auto"``: swaps sampled at the start state (all of them if fewer).
 AUTO_SAMPLES = 2048
 #: ``schedule="auto"``: mean Metropolis acceptance of the sampled uphill swaps at
-#: ``beta_min``. Colder starts (0.1) miss the optimum of about 1 in 1000 small
-#: random problems; see docs/backends.md.
-AUTO_ACCEPT = 0.3
+#: ``beta_min``, for problems with ``n <= SMALL_N``. Colder starts (0.1) miss the
+#: optimum of about 1 in 1000 small random problems; see docs/backends.md.
+AUTO_ACCEPT_SMALL = 0.3
+#: ``schedule="auto"``: the same for ``n > SMALL_N``, real blocks. The hot start
+#: of small problems would cost 1.4 to 2.3 times as much on them for the same
+#: energies (docs/benchmarks.md, issue 20).
+AUTO_ACCEPT_LARGE = 0.1
+#: Largest n that gets ``AUTO_ACCEPT_SMALL`` (a solve of that size takes well
+#: under a millisecond whichever the start).
+SMALL_N = 64
 #: ``schedule="auto"``: ``beta_max / beta_min``.
 AUTO_RANGE = 1e3
 #: Proposals per sweep: ``max(n, MIN_SWEEP_SIZE)``, so that a temperature of a
@@ -147,7 +155,7 @@ def _call_core(solve: Callable[[], Any], stop: np.ndarray) -> Any:
     slices; when a handler raises (``KeyboardInterrupt``, or what a SIGTERM
     handler raises) the flag is set, the core stops within a sweep, and the
     exception goes on. Other threads call the core directly (their caller stops
-    them through ``stop``, as :meth:`NativeBackend.solve_many` does).
+    them through ``stop``, as :meth:`NativeBackend.in_batch` does).
     """
     if threading.current_thread() is not threading.main_thread():
         return solve()
@@ -173,6 +181,16 @@ def _call_core(solve: Callable[[], Any], stop: np.ndarray) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def auto_accept(n: int) -> float:
+    """The auto schedule's acceptance at ``beta_min`` for a problem of n variables.
+
+    Example:
+        >>> auto_accept(12), auto_accept(1024)
+        (0.3, 0.1)
+    """
+    return AUTO_ACCEPT_SMALL if n <= SMALL_N else AUTO_ACCEPT_LARGE
 
 
 def _seed64(seed: int) -> int:
@@ -217,7 +235,9 @@ class NativeBackend(Backend):
     ``schedule="auto"`` (the default) derives the range from Q: at the start
     state it takes the energy changes of ``AUTO_SAMPLES`` random swaps (all of
     them when there are fewer), puts ``beta_min`` where the mean Metropolis
-    acceptance of the uphill ones is ``AUTO_ACCEPT`` and ``beta_max`` at
+    acceptance of the uphill ones is :func:`auto_accept` (``AUTO_ACCEPT_SMALL``
+    up to ``n = SMALL_N``: exact on small random problems; ``AUTO_ACCEPT_LARGE``
+    above: fast on real blocks) and ``beta_max`` at
     ``AUTO_RANGE * beta_min`` (``FIXED_BETA_MIN .. FIXED_BETA_MAX`` when no
     sampled swap is uphill). ``schedule="fixed"`` uses ``beta_min`` and
     ``beta_max`` (default ``FIXED_BETA_MIN`` and ``FIXED_BETA_MAX``, the
@@ -229,7 +249,8 @@ class NativeBackend(Backend):
     ``restart_energies``, ``restart_sweeps``, ``restart_accepted`` (accepted
     swaps), ``restart_descent_swaps``, ``best_restart``, ``num_threads`` (threads
     that ran), ``openmp``, ``seed`` (the seed given, or the one drawn for an
-    unseeded run: solving again with it repeats the run), ``num_groups`` (1
+    unseeded run: solving again with it repeats the run), ``auto_accept`` (the
+    acceptance target of the auto schedule; None when fixed), ``num_groups`` (1
     when ungrouped) and ``movable_groups`` (groups with ``0 < count < size``).
 
     Raises:
@@ -239,7 +260,7 @@ class NativeBackend(Backend):
     """
 
     name = "native"
-    #: The core's stop flag for this object's solves (``solve_many`` sets one per
+    #: The core's stop flag for this object's solves (``in_batch`` sets one per
     #: batch on its copy); ``None``: a fresh flag per solve.
     _stop: np.ndarray | None = None
     options = (
@@ -256,7 +277,8 @@ class NativeBackend(Backend):
             "schedule",
             ("auto", "fixed"),
             "auto",
-            f"'auto': beta_min where the mean uphill acceptance is {AUTO_ACCEPT:g}, "
+            f"'auto': beta_min where the mean uphill acceptance is "
+            f"{AUTO_ACCEPT_SMALL:g} (n <= {SMALL_N}) or {AUTO_ACCEPT_LARGE:g}, "
             f"beta_max = {AUTO_RANGE:g} * beta_min; 'fixed': beta_min..beta_max",
         ),
         Option(
@@ -349,33 +371,23 @@ class NativeBackend(Backend):
             return "the native extension is not built; run: pip install -e ."
         return None
 
-    def solve_many(
-        self,
-        problems: Sequence[BlockProblem],
-        *,
-        seeds: Sequence[int | None],
-        x0s: Sequence[Any] | None = None,
-        workers: int | None = None,
-        done: Callable[[int, Solution], None] | None = None,
-    ) -> list[Solution]:
-        """As :meth:`Backend.solve_many`; solved side by side, each on one thread.
+    @contextlib.contextmanager
+    def in_batch(self, threads: int) -> Iterator[NativeBackend]:
+        """A copy for one batch: one stop flag, one thread per solve if several.
 
-        The problems then share the cores instead of each starting a thread per
-        core; answers do not depend on the thread count.
-
-        Ctrl-C (or any exception) stops the solves already running within a
-        sweep, through one stop flag shared by the batch.
+        With ``threads > 1`` the problems share the cores instead of each
+        starting a thread per core (answers do not depend on the thread count).
+        When the batch ends by an exception (Ctrl-C included) the flag is set,
+        and the solves still running stop within a sweep.
         """
         one = copy.copy(self)
         one._stop = _stop_flag()
-        if workers != 1 and len(problems) > 1:
+        if threads > 1:
             one._params = {**self._params, "num_threads": 1}
         try:
-            return Backend.solve_many(
-                one, problems, seeds=seeds, x0s=x0s, workers=workers, done=done
-            )
+            yield one
         except BaseException:
-            one._stop[0] = 1  # the pool's running solves; queued ones are cancelled
+            one._stop[0] = 1  # the running solves; the executor drops queued ones
             raise
 
     def _solve(
@@ -388,6 +400,7 @@ class NativeBackend(Backend):
             seed = secrets.randbits(63)
         seed64 = _seed64(seed)
         sweep_size = max(problem.n, MIN_SWEEP_SIZE)
+        accept = None if fixed else auto_accept(problem.n)
         threads = p["num_threads"]
         if _ForkGuard.single_thread and threads != 1:
             log.debug("forked from a process that ran OpenMP threads: one thread")
@@ -400,13 +413,14 @@ class NativeBackend(Backend):
                 None if x0 is None else np.ascontiguousarray(x0, dtype=np.int8),
                 stop=stop,
                 **_group_arrays(problem),
-                **self._core_options(seed64, threads, sweep_size, fixed),
+                **self._core_options(seed64, threads, sweep_size, accept),
             ),
             stop,
         )
         if run["num_threads"] > 1:
             _ForkGuard.pool_started = True
         info = self._info(run, sweep_size, int(seed), bool(native.openmp))
+        info["auto_accept"] = accept
         info["num_groups"] = problem.num_groups
         info["movable_groups"] = _movable_groups(problem)
         self._log_run(problem, run, info["movable_groups"])
@@ -432,9 +446,12 @@ class NativeBackend(Backend):
         )
 
     def _core_options(
-        self, seed64: int, threads: int, sweep_size: int, fixed: bool
+        self, seed64: int, threads: int, sweep_size: int, accept: float | None
     ) -> dict[str, Any]:
-        """The keyword arguments of ``_native.solve`` besides the arrays."""
+        """The keyword arguments of ``_native.solve`` besides the arrays.
+
+        ``accept``: the auto schedule's acceptance target; None: fixed schedule.
+        """
         p = self._params
         beta_min, beta_max = self._fixed_range()
         return {
@@ -446,9 +463,9 @@ class NativeBackend(Backend):
             "sweeps_per_beta": p["sweeps_per_beta"],
             "sweep_size": sweep_size,
             "num_threads": threads,
-            "auto_schedule": not fixed,
+            "auto_schedule": accept is not None,
             "auto_samples": AUTO_SAMPLES,
-            "auto_accept": AUTO_ACCEPT,
+            "auto_accept": AUTO_ACCEPT_SMALL if accept is None else accept,
             "auto_range": AUTO_RANGE,
         }
 
