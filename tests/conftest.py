@@ -60,3 +60,13 @@ def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache")
     get_task("digits-mlp", cache_dir=path)
     return path
+
+
+@pytest.fixture
+def text_dir(tmp_path) -> Path:
+    """A folder with seeded word files: valid.txt (400 words) and test.txt (200)."""
+    from tests.tiny import write_text
+
+    write_text(tmp_path / "valid.txt", 400, seed=1)
+    write_text(tmp_path / "test.txt", 200, seed=2)
+    return tmp_path

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-from test_backends import FAST_OPTIONS
 
 from icbs_opt.backends import available_backends, backend_class, get_backend
 from icbs_opt.cli import main
@@ -18,6 +17,7 @@ from icbs_opt.errors import (
 )
 from icbs_opt.executors import _solve_on_worker, make_executor
 from icbs_opt.problems import BlockProblem, random_problem
+from tests.tiny import FAST_OPTIONS
 
 BACKENDS = list(available_backends())
 #: Slow backends get fewer and smaller problems (braket evaluates on a device).

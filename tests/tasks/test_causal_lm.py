@@ -10,13 +10,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
-    DistilBertConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import DistilBertConfig  # noqa: E402
 
 from icbs_opt.derivatives import (  # noqa: E402
     layer_gradients,
@@ -33,51 +27,7 @@ from icbs_opt.tasks import (  # noqa: E402
     task_options,
 )
 from icbs_opt.tasks import options as task_opts  # noqa: E402
-
-WORDS = "the cat sat on a mat and dog ran to big red house".split()
-
-
-def tiny_llama(vocab: int = 32, tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return llm._prepare(LlamaForCausalLM(config))
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-
-
-def write_text(path, n_words: int, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(WORDS), (n_words,), generator=g).tolist()
-    lines = [" ".join(WORDS[i] for i in idx[j : j + 10]) for j in range(0, n_words, 10)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def text_dir(tmp_path):
-    write_text(tmp_path / "valid.txt", 400, seed=1)
-    write_text(tmp_path / "test.txt", 200, seed=2)
-    return tmp_path
-
-
-def text_data(folder) -> dict:
-    """Options reading the fixture's files as the calibration and eval corpora."""
-    return {"calib_data": str(folder / "valid.txt"),
-            "eval_data": str(folder / "test.txt"), "pruning_windows": 32}  # fmt: skip
+from tests.tiny import WORDS, text_data, tiny_llama, word_tokenizer  # noqa: E402
 
 
 def data_flags(folder) -> list[str]:

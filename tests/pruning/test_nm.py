@@ -398,20 +398,3 @@ def test_cli_resumes_a_checkpoint_written_before_patterns(cache, tmp_path):
     del settings["config"]["pattern"]  # as version 0.1 wrote it
     save_file(tensors, file, {**meta, "settings": json.dumps(settings)})
     assert main(["prune", "--resume", str(out), "--no-progress"]) == 0
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--pattern", "2:4", "--density", "0.1"], "density 0.1 disagrees with "
-         "pattern '2:4'"),
-        (["--pattern", "3"], "pattern must be 'unstructured' or 'N:M'"),
-        (["--pattern", "2:4", "--block-size", "10"], "block_size must be a "
-         "multiple of M = 4"),
-        (["--pattern", "2:4", "--k", "3"], "k must be block_size * (M - N) / M"),
-    ],
-)  # fmt: skip
-def test_cli_pattern_errors(extra, message, capsys):
-    assert main(["prune", "--no-progress", *extra]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
