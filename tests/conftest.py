@@ -9,6 +9,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["pytester"]
+
 
 def _missing(reason: str) -> None:
     """Skip on a user's machine; fail in CI, which always has the data."""
@@ -52,9 +54,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    """A fresh cache dir with the digits model trained once for this module."""
+    """A cache dir with the digits model trained once for the session (read only)."""
     from icbs_opt.tasks import get_task
 
     path = tmp_path_factory.mktemp("cache")

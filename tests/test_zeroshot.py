@@ -150,6 +150,7 @@ def expected(model, tok, name, data):
     )
 
 
+@pytest.mark.slow
 def test_every_task_equals_a_direct_computation(lm, data):
     model, tok = lm
     result = zeroshot.evaluate_zero_shot(
@@ -219,6 +220,7 @@ def test_missing_lm_eval_or_files_are_named(tmp_path, monkeypatch, data):
         zeroshot.check_zero_shot(["rte"], data)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_and_prune_run_zero_shot(lm, data, text_dir, tmp_path, capsys):
     model, tok = lm
     llm.save_causal_lm(model, tok, tmp_path / "m")

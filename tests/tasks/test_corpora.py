@@ -183,6 +183,7 @@ def test_pruning_and_validation_windows_never_see_the_eval_text(tmp_path):
     assert scores["metric"] == scores["perplexity_e"]
 
 
+@pytest.mark.slow
 def test_real_c4_files_are_disjoint_and_long_enough(data_root):
     calibration = corpora.read_documents(data_root / "c4/calibration.jsonl")
     validation = corpora.read_documents(data_root / "c4/validation.jsonl")
