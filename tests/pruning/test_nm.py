@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,17 +27,14 @@ from icbs_opt.pruning.selection import select_groups
 from icbs_opt.pruning.sparsegpt import sparsegpt_layer
 from icbs_opt.pruning.state import LayerState, nm_violations
 from icbs_opt.tasks.options import DIGITS_PRESET
+from tests import tiny
+from tests.tiny import ce_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ce_loss(model, X, y):
-    return F.cross_entropy(model(X), y)
-
-
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return tiny.mlp((8, 16, 4), seed)
 
 
 def convnet(seed=0):
@@ -53,10 +49,7 @@ def convnet(seed=0):
 
 
 def data(shape=(8,), size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(size, *shape, generator=g), torch.randint(
-        0, 4, (size,), generator=g
-    )
+    return tiny.data(size, shape, 4, seed)
 
 
 def batches(shape=(8,), seed=0):

@@ -11,6 +11,8 @@ from icbs_opt.derivatives import record_layers
 from icbs_opt.errors import PruningError
 from icbs_opt.executors import make_executor
 from icbs_opt.pruning import PAPER_CLASSIFIER_SETTINGS, PruneConfig, Pruner, prune
+from tests import tiny
+from tests.tiny import ce_loss as loss
 
 PAPER = dict(PAPER_CLASSIFIER_SETTINGS)
 
@@ -36,21 +38,11 @@ GOLDEN = {
 
 
 def data():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(60, 10, generator=g)
-    y = torch.randint(0, 4, (60,), generator=g)
-    return X, y
+    return tiny.data(60, (10,), 4)
 
 
 def mlp():
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)
-    )
-
-
-def loss(m, X, y):
-    return F.cross_entropy(m(X), y)
+    return tiny.mlp((10, 12, 8, 4), seed=1)
 
 
 def mask_hash(pruner):

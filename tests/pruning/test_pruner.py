@@ -22,19 +22,11 @@ from icbs_opt.pruning import (
     prune,
 )
 from icbs_opt.pruning.selection import select_block
-
-
-def ce_loss(model, X, y):
-    return F.cross_entropy(model(X), y)
+from tests.tiny import ce_loss, mlp
 
 
 def mse_loss(model, X, y):
     return F.mse_loss(model(X), y)
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 def convnet(seed=0):
