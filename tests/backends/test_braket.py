@@ -131,11 +131,14 @@ def test_x_mixer_returns_repaired_feasible_answers():
         "braket-local", mixer="x", penalty=0.0, p=1, maxiter=3, shots=4
     )
     problem = random_problem(8, 1, seed=3)
-    sol = backend.solve(problem, seed=0)
-    assert sol.feasible
-    assert sol.info["raw_feasible_fraction"] < 1.0
-    if sol.info["best_raw_energy"] is None:
-        assert sol.info["repaired"]
+    sol = backend.solve(problem, seed=0)  # some raw samples feasible: the best kept
+    assert sol.feasible and not sol.info["repaired"]
+    assert 0.0 < sol.info["raw_feasible_fraction"] < 1.0
+    assert sol.info["best_raw_energy"] == sol.energy
+    sol = backend.solve(problem, seed=2)  # no raw sample feasible: repaired
+    assert sol.feasible and sol.info["repaired"]
+    assert sol.info["raw_feasible_fraction"] == 0.0
+    assert sol.info["best_raw_energy"] is None
 
 
 def test_engines_agree():
