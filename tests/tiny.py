@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icbs_opt.cli import main
+from icbs_opt.problems import BlockProblem, random_problem
 from icbs_opt.pruning import Pruner
 
 #: Test-speed options for slow backends (user-given options still win).
@@ -29,6 +30,36 @@ FAST_OPTIONS: dict[str, dict[str, Any]] = {
     # Device-side sampling is unseeded: enough shots that n <= 12 optima are seen.
     "braket": {"p": 1, "maxiter": 6, "shots": 2000},
 }
+
+
+# ------------------------------------------------------------ grouped problems
+#: Group ids per variable and ones per group: consecutive groups of 2, 3 and 4,
+#: interleaved (non-contiguous) groups, and groups of size one.
+GROUPINGS = [
+    ([0, 0, 1, 1, 2, 2], [1, 1, 1]),
+    ([0, 0, 0, 1, 1, 1], [1, 2]),
+    ([0, 0, 0, 0, 1, 1, 1, 1], [2, 2]),
+    ([0, 1, 2, 0, 1, 2, 0, 1], [1, 2, 2]),
+    ([0, 0, 1, 1, 1, 1, 2, 3], [1, 2, 0, 1]),
+]
+
+
+def grouped_problem(
+    groups: list[int], counts: list[int], seed: int = 0
+) -> BlockProblem:
+    """A seeded random problem with these group ids per variable and counts."""
+    Q = random_problem(len(groups), seed=seed).Q
+    return BlockProblem(Q, counts, groups=groups)
+
+
+def per_group_feasible(problem: BlockProblem, bits: np.ndarray) -> np.ndarray:
+    """Whether each row of ``bits`` has the right number of ones in every group."""
+    groups = np.asarray(problem.groups)
+    ones = np.stack(
+        [bits[:, groups == g].sum(axis=1) for g in range(len(problem.group_counts))],
+        axis=1,
+    )
+    return (ones == np.asarray(problem.group_counts)).all(axis=1)
 
 
 # ------------------------------------------------------------ classifiers
