@@ -12,6 +12,27 @@ REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["pytester"]
 
 
+#: Cases of otherwise fast parametrized tests that are slow, where no decorator can
+#: reach them (the conformance class lives in icbs_opt.testing; the executor cases
+#: come from the backend registry): (class or function, backend name).
+SLOW_CASES = {
+    ("TestBackendConformance", "braket"),  # 2000 shots an evaluation: 2-9 s a case
+    ("test_solve_many_equals_solve", "dwave-sim"),  # 5-9 s
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the ``SLOW_CASES`` slow, before ``-m`` selects."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is None:
+            continue
+        owner = item.cls.__name__ if item.cls else item.originalname
+        backend = params.params.get("backend", params.params.get("name"))
+        if (owner, backend) in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+
+
 def _missing(reason: str) -> None:
     """Skip on a user's machine; fail in CI, which always has the data."""
     if os.environ.get("CI"):
