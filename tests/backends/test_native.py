@@ -640,7 +640,6 @@ def test_bad_options(options, match):
         native(**options)
 
 
-@pytest.mark.slow
 def test_smallest_beta_factor_runs():
     # The shortest steps allowed: 1e-3 .. 100 in 115136 temperatures.
     problem = random_problem(4, 2, seed=0)
