@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.icbs-opt-installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-slow test-all lint format clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/icbs-opt prune --task digits-mlp --density 0.1 --steps 300
 
+# The default selection leaves out the tests marked slow (pyproject.toml addopts);
+# test-slow runs only those, test-all everything in one run.
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(STAMP) lint
+	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

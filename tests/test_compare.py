@@ -224,8 +224,8 @@ def test_harvest_reloads_identical_problems(tmp_path):
         assert dl == pytest.approx(0.0, abs=1e-9 * max(1.0, abs(scale * meta["const"])))
 
 
-def test_cli_prune_harvest(tmp_path, monkeypatch):
-    monkeypatch.setenv("ICBS_OPT_CACHE_DIR", str(tmp_path / "cache"))
+def test_cli_prune_harvest(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("ICBS_OPT_CACHE_DIR", str(cache))
     out = tmp_path / "blocks"
     argv = [
         "prune",

@@ -9,13 +9,12 @@ from icbs_opt.derivatives import (
     input_column_norms,
     layer_gradients,
     per_sample_block_gradients,
+    record_layers,
     split_batch,
 )
 from icbs_opt.errors import PruningError
-
-
-def ce_loss(model, X, y):
-    return F.cross_entropy(model(X), y)
+from icbs_opt.pruning import Pruner
+from tests.tiny import ce_loss, tiny_llama
 
 
 def seq_loss(model, X, y):  # token-mean cross-entropy over (B, T)
@@ -221,3 +220,92 @@ def test_split_batch():
     assert split_batch(X, X, None)[0][0] is X
     with pytest.raises(PruningError, match="empty"):
         split_batch(X[:0], X[:0], 2)
+
+
+# ------------------------------------------------------------ on a causal LM
+def llama(vocab=32):
+    """A tiny Llama and the causal-LM task module (skips without transformers)."""
+    pytest.importorskip("transformers")
+    from icbs_opt.tasks import causal_lm
+
+    return tiny_llama(vocab=vocab), causal_lm
+
+
+@pytest.mark.parametrize(
+    "layer", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+)
+def test_hook_per_sample_block_gradients_equal_autograd(layer):
+    model, llm = llama()
+    module = dict(model.named_modules())[layer]
+    X = torch.randint(0, 32, (5, 12), generator=torch.Generator().manual_seed(3))
+    idx = torch.randperm(module.weight.numel(), generator=torch.Generator())[:20]
+    G = per_sample_block_gradients(
+        model, llm.causal_lm_loss, X, X, module, idx, max_batch_size=2
+    )
+    assert G.shape == (5, 20)
+    module.weight.requires_grad_(True)
+    try:
+        for s in range(5):
+            loss = llm.causal_lm_loss(model, X[s : s + 1], X[s : s + 1])
+            (grad,) = torch.autograd.grad(loss, module.weight)
+            expect = grad.reshape(-1)[idx].double()
+            torch.testing.assert_close(G[s], expect, atol=1e-5, rtol=0)
+    finally:
+        module.weight.requires_grad_(False)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_layer_tape_matches_autograd_and_runs_once():
+    model, llm = llama()
+    layer = "model.layers.1.mlp.up_proj"
+    module = dict(model.named_modules())[layer]
+    X = torch.randint(0, 32, (5, 12), generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def loss_fn(m, Xb, yb):
+        calls.append(len(Xb))
+        return llm.causal_lm_loss(m, Xb, yb)
+
+    (tape,), _ = record_layers(model, loss_fn, X, X, [module], max_batch_size=2)
+    assert calls == [2, 2, 1]
+    idx = torch.arange(0, module.weight.numel(), 7)
+    G = per_sample_block_gradients(model, llm.causal_lm_loss, X, X, module, idx)
+    torch.testing.assert_close(
+        tape.per_sample_block_gradients(idx), G, atol=1e-6, rtol=0
+    )
+    (grad,) = layer_gradients(model, llm.causal_lm_loss, X, X, [module])
+    torch.testing.assert_close(tape.gradient(), grad, atol=1e-6, rtol=0)
+    # a gradient-selection, per-sample-Fisher step runs the model once per sub-batch
+    pruner = Pruner(
+        model,
+        loss_fn,
+        0.5,
+        backend="exhaustive",
+        layers=[layer],
+        block_size=8,
+        selection="gradient",
+        hessian="gradient_per_sample",
+        max_batch_size=2,
+    )
+    calls.clear()
+    record = pruner.step(X, X)
+    assert calls == [2, 2, 1]
+    assert record.seconds.forward_backward > 0
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_recording_every_layer_equals_recording_each_alone(dtype):
+    # q/k/v and gate/up share their input; every tape must see its own layer's
+    model, llm = llama(vocab=14)
+    modules = [model.get_submodule(n) for n in llm.prunable_layers(model)]
+    X = torch.randint(0, 14, (3, 16), generator=torch.Generator().manual_seed(2))
+    loss = llm.causal_lm_loss
+    tapes, _ = record_layers(model, loss, X, X, modules, max_batch_size=1, dtype=dtype)
+    for module, tape in zip(modules, tapes, strict=True):
+        (alone,), _ = record_layers(
+            model, loss, X, X, [module], max_batch_size=1, dtype=dtype
+        )
+        idx = torch.arange(module.weight.numel())
+        assert torch.equal(
+            tape.per_sample_block_gradients(idx), alone.per_sample_block_gradients(idx)
+        )

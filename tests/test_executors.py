@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from test_backends import FAST_OPTIONS
 
 from icbs_opt.backends import available_backends, backend_class, get_backend
 from icbs_opt.cli import main
@@ -24,6 +23,7 @@ from icbs_opt.executors import (
     solve_many,
 )
 from icbs_opt.problems import BlockProblem, random_problem
+from tests.tiny import FAST_OPTIONS
 
 BACKENDS = list(available_backends())
 #: Slow backends get fewer and smaller problems (braket evaluates on a device).

@@ -9,12 +9,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 
-from test_llm import WORDS, text_data, tiny_llama, word_tokenizer  # noqa: E402
-
 from icbs_opt import zeroshot  # noqa: E402
 from icbs_opt.cli import main  # noqa: E402
 from icbs_opt.errors import DataError  # noqa: E402
 from icbs_opt.tasks import causal_lm as llm  # noqa: E402
+from tests.tiny import WORDS, text_data, tiny_llama, word_tokenizer  # noqa: E402
 
 
 def phrase(rng, n):
@@ -151,6 +150,7 @@ def expected(model, tok, name, data):
     )
 
 
+@pytest.mark.slow
 def test_every_task_equals_a_direct_computation(lm, data):
     model, tok = lm
     result = zeroshot.evaluate_zero_shot(
@@ -220,13 +220,11 @@ def test_missing_lm_eval_or_files_are_named(tmp_path, monkeypatch, data):
         zeroshot.check_zero_shot(["rte"], data)
 
 
-def test_cli_evaluate_and_prune_run_zero_shot(lm, data, tmp_path, capsys):
+@pytest.mark.slow
+def test_cli_evaluate_and_prune_run_zero_shot(lm, data, text_dir, tmp_path, capsys):
     model, tok = lm
-    write_text = __import__("test_llm").write_text
-    write_text(tmp_path / "valid.txt", 400, seed=1)
-    write_text(tmp_path / "test.txt", 200, seed=2)
     llm.save_causal_lm(model, tok, tmp_path / "m")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in text_data(tmp_path).items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in text_data(text_dir).items()]
     flags += ["--data-dir", str(data), "--seq-len", "16", "--calib-windows", "4"]
     argv = ["evaluate", "--model", str(tmp_path / "m"), *flags, "--zero-shot"]
     assert main([*argv, "rte,piqa", "--limit", "3", "--json", "-"]) == 0
@@ -246,22 +244,3 @@ def test_cli_evaluate_and_prune_run_zero_shot(lm, data, tmp_path, capsys):
     assert "boolq" in printed and "mean" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["zero_shot"]["tasks"]["boolq"]["examples"] == 6
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["prune", "--zero-shot", "paper"], "needs a causal language model"),
-        (["prune", "--limit", "3"], "--limit needs --zero-shot"),
-        (["evaluate", "--task", "digits-mlp", "--zero-shot", "rte"], "causal language"),
-        (
-            ["prune", "--calib-file", "x.txt"],
-            "--calib-file was replaced by --calib-data",
-        ),
-        (["evaluate", "--task", "smollm2-135m", "--eval-file", "x"], "--eval-data"),
-    ],
-)
-def test_cli_errors_are_one_line_before_loading(argv, message, capsys):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err

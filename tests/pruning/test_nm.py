@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,17 +27,14 @@ from icbs_opt.pruning.selection import select_groups
 from icbs_opt.pruning.sparsegpt import sparsegpt_layer
 from icbs_opt.pruning.state import LayerState, nm_violations
 from icbs_opt.tasks.options import DIGITS_PRESET
+from tests import tiny
+from tests.tiny import ce_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ce_loss(model, X, y):
-    return F.cross_entropy(model(X), y)
-
-
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return tiny.mlp((8, 16, 4), seed)
 
 
 def convnet(seed=0):
@@ -53,10 +49,7 @@ def convnet(seed=0):
 
 
 def data(shape=(8,), size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(size, *shape, generator=g), torch.randint(
-        0, 4, (size,), generator=g
-    )
+    return tiny.data(size, shape, 4, seed)
 
 
 def batches(shape=(8,), seed=0):
@@ -398,20 +391,3 @@ def test_cli_resumes_a_checkpoint_written_before_patterns(cache, tmp_path):
     del settings["config"]["pattern"]  # as version 0.1 wrote it
     save_file(tensors, file, {**meta, "settings": json.dumps(settings)})
     assert main(["prune", "--resume", str(out), "--no-progress"]) == 0
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--pattern", "2:4", "--density", "0.1"], "density 0.1 disagrees with "
-         "pattern '2:4'"),
-        (["--pattern", "3"], "pattern must be 'unstructured' or 'N:M'"),
-        (["--pattern", "2:4", "--block-size", "10"], "block_size must be a "
-         "multiple of M = 4"),
-        (["--pattern", "2:4", "--k", "3"], "k must be block_size * (M - N) / M"),
-    ],
-)  # fmt: skip
-def test_cli_pattern_errors(extra, message, capsys):
-    assert main(["prune", "--no-progress", *extra]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err

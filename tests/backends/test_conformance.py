@@ -12,13 +12,7 @@ from icbs_opt.backends.exhaustive import MAX_POINTS, feasible_count
 from icbs_opt.errors import ProblemTooLarge
 from icbs_opt.problems import BlockProblem, random_problem
 from icbs_opt.testing import BackendConformance, exact_optimum
-
-#: Test-speed options for slow backends (user-given options still win).
-FAST_OPTIONS: dict[str, dict[str, Any]] = {
-    "braket-local": {"p": 1, "maxiter": 6, "shots": 500},
-    # Device-side sampling is unseeded: enough shots that n <= 12 optima are seen.
-    "braket": {"p": 1, "maxiter": 6, "shots": 2000},
-}
+from tests.tiny import FAST_OPTIONS
 
 
 @functools.cache

@@ -12,6 +12,8 @@ from icbs_opt.errors import PruningError
 from icbs_opt.executors import make_executor
 from icbs_opt.pruning import PAPER_CLASSIFIER_SETTINGS, PruneConfig, Pruner, prune
 from icbs_opt.pruning.step import select_blocks
+from tests import tiny
+from tests.tiny import ce_loss as loss
 
 PAPER = dict(PAPER_CLASSIFIER_SETTINGS)
 
@@ -37,21 +39,11 @@ GOLDEN = {
 
 
 def data():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(60, 10, generator=g)
-    y = torch.randint(0, 4, (60,), generator=g)
-    return X, y
+    return tiny.data(60, (10,), 4)
 
 
 def mlp():
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)
-    )
-
-
-def loss(m, X, y):
-    return F.cross_entropy(m(X), y)
+    return tiny.mlp((10, 12, 8, 4), seed=1)
 
 
 def mask_hash(pruner):
@@ -160,6 +152,28 @@ def test_check_pass_undoes_a_pass_that_raised_the_batch_loss():
         else:
             assert p.loss_after <= p.loss_before
     assert result.accepted == sum(p.accepted for p in result.passes)
+
+
+def test_check_pass_restores_the_model_when_the_batch_loss_rose():
+    # The loss counts weights pruned since the init (no gradient): every move raises it
+    def loss_and_moves(m, X, y):
+        moved = sum(int(((m[i].weight == 0) != init[i]).sum()) for i in init)
+        return loss(m, X, y) + moved
+
+    X, y = data()
+    init = {}
+    pruner = Pruner(mlp(), loss_and_moves, 0.4, "exhaustive", block_size=12,
+                    calibration=(X, y), seed=3, blocks_per_step=3, check_pass=True,
+                    **PAPER)  # fmt: skip
+    init.update({i: pruner.model[i].weight == 0 for i in (0, 2, 4)})
+    masks = pruner.masks()
+    weights = [w.detach().clone() for w in pruner.model.parameters()]
+    result = prune(pruner, [(X, y)], 3)
+    assert [(p.rolled_back, p.accepted) for p in result.passes] == [(True, 0)] * 3
+    assert all(p.loss_after > p.loss_before for p in result.passes)
+    assert all(torch.equal(masks[k], v) for k, v in pruner.masks().items())
+    for a, b in zip(weights, pruner.model.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_check_blocks_keeps_only_moves_that_lower_the_batch_loss():

@@ -7,13 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_llm import tiny_llama, word_tokenizer  # noqa: E402
-
-from icbs_opt.cli import main  # noqa: E402
 from icbs_opt.errors import DataError  # noqa: E402
 from icbs_opt.tasks import causal_lm as llm  # noqa: E402
 from icbs_opt.tasks import corpora  # noqa: E402
 from icbs_opt.tasks.options import TextOptions  # noqa: E402
+from tests.tiny import tiny_llama, word_tokenizer  # noqa: E402
 
 CALIB_WORDS = "the cat sat on a mat and".split()  # disjoint from EVAL_WORDS
 EVAL_WORDS = "dog ran to big red house".split()
@@ -185,13 +183,7 @@ def test_pruning_and_validation_windows_never_see_the_eval_text(tmp_path):
     assert scores["metric"] == scores["perplexity_e"]
 
 
-def test_cli_names_missing_data_before_loading(tmp_path, capsys):
-    argv = ["prune", "--task", "smollm2-135m", "--data-dir", str(tmp_path)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "corpus 'c4' needs" in err and err.count("\n") == 1
-
-
+@pytest.mark.slow
 def test_real_c4_files_are_disjoint_and_long_enough(data_root):
     calibration = corpora.read_documents(data_root / "c4/calibration.jsonl")
     validation = corpora.read_documents(data_root / "c4/validation.jsonl")

@@ -1,9 +1,9 @@
-"""Safe outputs: atomic writes, output paths checked before any work, interrupts."""
+"""Safe outputs: atomic writes, checked output paths, interrupted compare writes
+what it has. The CLI checking outputs before any work: test_fail_fast.py."""
 
 import csv
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -14,11 +14,7 @@ from icbs_opt.cli import main
 from icbs_opt.cli.common import Terminated, check_output, write_json
 from icbs_opt.errors import DataError
 from icbs_opt.problems import BlockProblem, random_problem
-
-ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-as_root = pytest.mark.skipif(
-    ROOT, reason="root may write into a read-only folder: nothing to refuse"
-)
+from tests.tiny import not_root, run_cli
 
 
 def leftovers(folder):
@@ -133,7 +129,7 @@ def test_check_output_refuses_bad_paths(tmp_path):
         check_output(str(tmp_path / "file"), folder=False, ours=lambda p: False)
 
 
-@as_root
+@not_root
 def test_check_output_refuses_an_unwritable_folder(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -154,82 +150,6 @@ def test_check_output_refuses_what_access_denies(tmp_path, monkeypatch):
         check_output(str(tmp_path / "new" / "out.json"), folder=False)
     status = main(["solve", str(tmp_path / "x.npz"), "--json", str(tmp_path / "o")])
     assert status == 2
-
-
-# ------------------------------------------------ bad output paths in the CLI
-@pytest.fixture
-def problem_folder(tmp_path):
-    folder = tmp_path / "problems"
-    folder.mkdir()
-    for i in range(3):
-        random_problem(6, 3, seed=i).save(folder / f"p{i}.npz")
-    return folder
-
-
-def bad_outputs(tmp_path):
-    """(path, message) of every kind of bad output file."""
-    (tmp_path / "a-dir").mkdir(parents=True)
-    (tmp_path / "a-file").write_text("x")
-    (tmp_path / "a-link").symlink_to(tmp_path / "a-file")
-    return [
-        (tmp_path / "a-dir", "is a directory"),
-        (tmp_path / "a-file" / "out.json", "is not writable"),
-        (tmp_path / "a-link", "is a symbolic link"),
-    ]
-
-
-def run_cli(argv, capsys):
-    start = time.perf_counter()
-    status = main([str(a) for a in argv])
-    seconds = time.perf_counter() - start
-    err = capsys.readouterr().err
-    return status, err, seconds
-
-
-def test_solve_checks_its_output_first(tmp_path, capsys):
-    missing = tmp_path / "no-such-problem.npz"  # the output is checked before it
-    for path, message in bad_outputs(tmp_path):
-        status, err, seconds = run_cli(["solve", missing, "--json", path], capsys)
-        assert status == 2 and message in err and str(path) in err
-        assert err.count("\n") == 1 and seconds < 0.5
-
-
-def test_compare_checks_every_output_first(tmp_path, problem_folder, capsys):
-    base = ["compare", "--problems", problem_folder, "--backends", "exhaustive"]
-    for flag in ("--json", "--csv", "--plot"):
-        for path, message in bad_outputs(tmp_path / flag.strip("-")):
-            status, err, seconds = run_cli([*base, flag, path], capsys)
-            assert status == 2 and message in err and str(path) in err, err
-            assert err.count("\n") == 1 and seconds < 0.5
-    status, err, _ = run_cli(
-        ["backends", "--json", tmp_path / "plot" / "a-dir"], capsys
-    )
-    assert status == 2 and "is a directory" in err
-
-
-def test_bad_output_paths_before_any_work(
-    tmp_path, problem_folder, capsys, monkeypatch
-):
-    calls = []
-    monkeypatch.setattr(ExhaustiveBackend, "_solve", lambda *a, **k: calls.append(1))
-    (tmp_path / "d").mkdir()
-    argv = ["compare", "--problems", problem_folder, "--backends", "exhaustive"]
-    assert run_cli([*argv, "--csv", tmp_path / "d"], capsys)[0] == 2
-    assert calls == []
-
-
-@as_root
-def test_unwritable_output_folder_in_the_cli(tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        status, err, _ = run_cli(
-            ["solve", tmp_path / "x.npz", "--json", locked / "out.json"], capsys
-        )
-        assert status == 2 and "is not writable" in err
-    finally:
-        locked.chmod(0o700)
 
 
 # ------------------------------------------------------ interrupted compare

@@ -207,40 +207,6 @@ def test_cli_help_shows_each_task_preset(capsys):
     assert capsys.readouterr().out.startswith("icbs-opt 0.")
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["prune", "--task", "causal-lm"], "task 'causal-lm' needs a model: pass"),
-        (["prune", "--device", "gpu"], "device must be a torch device such as cpu"),
-        (["prune", "--device", "cuda:7"], "device 'cuda:7' is not available here"),
-        (["prune", "--threads", "0"], "threads must be an integer >= 1, got 0"),
-        (["prune", "--json", "."], "output file '.' is a directory"),
-        (["prune", "--seq-len", "8"], "task 'digits-mlp' does not take option"),
-        (["prune", "--data-dir", "/nowhere", "--task", "smollm2-135m"],
-         "data folder '/nowhere' (--data-dir) does not exist"),
-        (["evaluate", "--model", "/nowhere"], "model directory '/nowhere' does not"),
-        (["evaluate", "--task", "mnist"], "unknown task 'mnist'; known tasks:"),
-        (["prune", "--executor", "mpi://x"], "unknown executor 'mpi://x'; use"),
-    ],
-)  # fmt: skip
-def test_cli_bad_input_fails_fast_in_one_line(argv, message, capsys, monkeypatch):
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(tasks, "load_or_train_digits_mlp", no_model)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
-
-
-def test_cli_output_that_is_a_file_fails_before_the_run(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tasks, "load_or_train_digits_mlp", None)  # never reached
-    taken = tmp_path / "taken"
-    taken.write_text("not a folder")
-    assert main(["prune", "--out", str(taken)]) == 2
-    assert "output folder" in capsys.readouterr().err
-
-
 def test_cli_prune_passes_of_many_blocks(cache, tmp_path, capsys):
     summary = tmp_path / "s.json"
     argv = ["prune", "--cache-dir", str(cache), "--backend", "exhaustive"]

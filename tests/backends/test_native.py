@@ -23,7 +23,7 @@ from icbs_opt.problems import BlockProblem, random_problem
 
 _native = pytest.importorskip("icbs_opt._native")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def native(**options):

@@ -10,19 +10,8 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
-    DistilBertConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import DistilBertConfig  # noqa: E402
 
-from icbs_opt.derivatives import (  # noqa: E402
-    layer_gradients,
-    per_sample_block_gradients,
-    record_layers,
-)
 from icbs_opt.errors import DataError  # noqa: E402
 from icbs_opt.pruning import Pruner, nonzero_density, prune  # noqa: E402
 from icbs_opt.tasks import causal_lm as llm  # noqa: E402
@@ -33,51 +22,7 @@ from icbs_opt.tasks import (  # noqa: E402
     task_options,
 )
 from icbs_opt.tasks import options as task_opts  # noqa: E402
-
-WORDS = "the cat sat on a mat and dog ran to big red house".split()
-
-
-def tiny_llama(vocab: int = 32, tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return llm._prepare(LlamaForCausalLM(config))
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-
-
-def write_text(path, n_words: int, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(WORDS), (n_words,), generator=g).tolist()
-    lines = [" ".join(WORDS[i] for i in idx[j : j + 10]) for j in range(0, n_words, 10)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def text_dir(tmp_path):
-    write_text(tmp_path / "valid.txt", 400, seed=1)
-    write_text(tmp_path / "test.txt", 200, seed=2)
-    return tmp_path
-
-
-def text_data(folder) -> dict:
-    """Options reading the fixture's files as the calibration and eval corpora."""
-    return {"calib_data": str(folder / "valid.txt"),
-            "eval_data": str(folder / "test.txt"), "pruning_windows": 32}  # fmt: skip
+from tests.tiny import WORDS, text_data, tiny_llama, word_tokenizer  # noqa: E402
 
 
 def data_flags(folder) -> list[str]:
@@ -104,68 +49,6 @@ def test_prunable_layers_error_without_blocks():
     model.config = SimpleNamespace(num_hidden_layers=3)
     with pytest.raises(Exception, match="num_hidden_layers = 3"):
         llm.prunable_layers(model)
-
-
-@pytest.mark.parametrize(
-    "layer", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
-)
-def test_hook_per_sample_block_gradients_equal_autograd(layer):
-    model = tiny_llama()
-    module = dict(model.named_modules())[layer]
-    X = torch.randint(0, 32, (5, 12), generator=torch.Generator().manual_seed(3))
-    idx = torch.randperm(module.weight.numel(), generator=torch.Generator())[:20]
-    G = per_sample_block_gradients(
-        model, llm.causal_lm_loss, X, X, module, idx, max_batch_size=2
-    )
-    assert G.shape == (5, 20)
-    module.weight.requires_grad_(True)
-    try:
-        for s in range(5):
-            loss = llm.causal_lm_loss(model, X[s : s + 1], X[s : s + 1])
-            (grad,) = torch.autograd.grad(loss, module.weight)
-            expect = grad.reshape(-1)[idx].double()
-            torch.testing.assert_close(G[s], expect, atol=1e-5, rtol=0)
-    finally:
-        module.weight.requires_grad_(False)
-    assert not any(p.requires_grad for p in model.parameters())
-
-
-def test_layer_tape_matches_autograd_and_runs_once():
-    model = tiny_llama()
-    layer = "model.layers.1.mlp.up_proj"
-    module = dict(model.named_modules())[layer]
-    X = torch.randint(0, 32, (5, 12), generator=torch.Generator().manual_seed(4))
-    calls = []
-
-    def loss_fn(m, Xb, yb):
-        calls.append(len(Xb))
-        return llm.causal_lm_loss(m, Xb, yb)
-
-    (tape,), _ = record_layers(model, loss_fn, X, X, [module], max_batch_size=2)
-    assert calls == [2, 2, 1]
-    idx = torch.arange(0, module.weight.numel(), 7)
-    G = per_sample_block_gradients(model, llm.causal_lm_loss, X, X, module, idx)
-    torch.testing.assert_close(
-        tape.per_sample_block_gradients(idx), G, atol=1e-6, rtol=0
-    )
-    (grad,) = layer_gradients(model, llm.causal_lm_loss, X, X, [module])
-    torch.testing.assert_close(tape.gradient(), grad, atol=1e-6, rtol=0)
-    # a gradient-selection, per-sample-Fisher step runs the model once per sub-batch
-    pruner = Pruner(
-        model,
-        loss_fn,
-        0.5,
-        backend="exhaustive",
-        layers=[layer],
-        block_size=8,
-        selection="gradient",
-        hessian="gradient_per_sample",
-        max_batch_size=2,
-    )
-    calls.clear()
-    record = pruner.step(X, X)
-    assert calls == [2, 2, 1]
-    assert record.seconds.forward_backward > 0
 
 
 class BigramLM(nn.Module):
@@ -434,21 +317,3 @@ def test_broken_weights_are_one_line_errors(text_dir, tmp_path, capsys):
         assert main(["evaluate", "--model", str(folder), *data]) == 2
         err = capsys.readouterr().err
         assert err.startswith("icbs-opt: error:") and err.count("\n") == 1, err
-
-
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_recording_every_layer_equals_recording_each_alone(dtype):
-    # q/k/v and gate/up share their input; every tape must see its own layer's
-    model = tiny_llama(vocab=14)
-    modules = [model.get_submodule(n) for n in llm.prunable_layers(model)]
-    X = torch.randint(0, 14, (3, 16), generator=torch.Generator().manual_seed(2))
-    loss = llm.causal_lm_loss
-    tapes, _ = record_layers(model, loss, X, X, modules, max_batch_size=1, dtype=dtype)
-    for module, tape in zip(modules, tapes, strict=True):
-        (alone,), _ = record_layers(
-            model, loss, X, X, [module], max_batch_size=1, dtype=dtype
-        )
-        idx = torch.arange(module.weight.numel())
-        assert torch.equal(
-            tape.per_sample_block_gradients(idx), alone.per_sample_block_gradients(idx)
-        )

@@ -1,54 +1,14 @@
-"""Checkpoint and resume, stop reasons and keep-best of the pruning loop."""
+"""Checkpoint and resume, and stop reasons of the pruning loop (keep-best:
+test_loop.py)."""
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from icbs_opt.errors import DataError, PruningError
-from icbs_opt.pruning import Pruner, prune
+from icbs_opt.pruning import prune
 from icbs_opt.pruning import pruner as pruner_module
 from icbs_opt.pruning.checkpoint import load_checkpoint, save_checkpoint
-from icbs_opt.pruning.loop import restore_best
-
-SETTINGS = {
-    "block_size": 16,
-    "init": "random",
-    "selection": "random",
-    "schedule": "log",
-    "tabu_frac": 0.3,
-    "fix_frac_prune": 0.2,
-    "fix_frac_keep": 0.2,
-    "seed": 3,
-}
-
-
-def loss_fn(model, X, y):
-    return F.cross_entropy(model(X), y)
-
-
-def make_pruner(**changes):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
-    )
-    settings = {**SETTINGS, **changes}
-    return Pruner(model, loss_fn, 0.4, backend="native", workers=1, **settings)
-
-
-def batches(seed=0):
-    rng = np.random.default_rng(seed)
-    while True:
-        X = torch.from_numpy(rng.standard_normal((32, 16))).float()
-        yield X, torch.from_numpy(rng.integers(0, 4, 32))
-
-
-def evaluate(model):
-    X, y = next(batches(99))
-    with torch.no_grad():
-        logits = model(X)
-    acc = (logits.argmax(1) == y).double().mean().item() * 100
-    return {"metric": acc, "loss": F.cross_entropy(logits, y).item()}
+from tests.tiny import batches, equal_masks, evaluate, make_pruner
 
 
 def comparable(result):
@@ -60,10 +20,6 @@ def comparable(result):
         [drop(h) for h in result.history],
         result.best and drop(result.best),
     )
-
-
-def equal_masks(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def stop_at(step):
@@ -154,26 +110,6 @@ def twin_pass_two(twin):
     return prune(copy, feed, 1).records
 
 
-def test_keep_best_restores_the_best_validated_mask():
-    pruner = make_pruner()
-    scores = iter([50.0, 70.0, 90.0, 60.0, 80.0, 40.0])
-    masks = {}
-
-    def validate(model):
-        step = len(masks)
-        masks[step] = {k: v.clone() for k, v in pruner.masks().items()}
-        return {"metric": next(scores), "loss": 0.0}
-
-    result = prune(pruner, batches(), 10, evaluate=evaluate, eval_every=2,
-                   validate=validate)  # fmt: skip
-    assert [h["val_metric"] for h in result.history] == [50, 70, 90, 60, 80, 40]
-    assert result.best["step"] == 4 and result.best["val_metric"] == 90
-    best = restore_best(pruner, result)
-    assert best["step"] == 4
-    assert equal_masks(pruner.masks(), masks[2])
-    assert evaluate(pruner.model)["metric"] == result.history[2]["metric"]
-
-
 def test_load_state_dict_refuses_another_model():
     a, b = make_pruner(), make_pruner(fix_frac_keep=0.5)
     prune(a, batches(), 2)
@@ -198,46 +134,15 @@ def test_resume_with_refits_restores_the_kept_values(tmp_path):
     kw = {"evaluate": evaluate, "eval_every": 2}
     settings = {"calibration": calibration, "refit_every": 3}
 
-    def make():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
-        )
-        return Pruner(model, loss_fn, 0.4, backend="native", workers=1,
-                      **{**SETTINGS, **settings})  # fmt: skip
-
-    full = make()
+    full = make_pruner(**settings)
     expected = prune(full, batches(), 10, **kw)
-    first = make()
+    first = make_pruner(**settings)
     stopped = prune(first, batches(), 10, stop=stop_at(4), **kw)
     save_checkpoint(tmp_path / "c.safetensors", first, stopped, {})
     saved = load_checkpoint(tmp_path / "c.safetensors")
-    second = make()
+    second = make_pruner(**settings)
     second.load_state_dict(saved.state)
     resumed = prune(second, batches(), 10, resume=saved.result, **kw)
     assert comparable(resumed) == comparable(expected)
     for a, b in zip(full.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)
-
-
-def test_keep_best_with_refits_restores_the_values_of_that_point():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
-    )
-    calibration = next(batches(7))
-    pruner = Pruner(model, loss_fn, 0.4, backend="native", workers=1,
-                    calibration=calibration, refit_every=2, **SETTINGS)  # fmt: skip
-    scores = iter([50.0, 90.0, 60.0, 70.0])
-
-    def validate(model):
-        return {"metric": next(scores), "loss": 0.0}
-
-    result = prune(pruner, batches(), 6, evaluate=evaluate, eval_every=2,
-                   validate=validate)  # fmt: skip
-    assert result.best["step"] == 2 and result.best_values is not None
-    restore_best(pruner, result)
-    assert evaluate(pruner.model) == {
-        "metric": result.history[1]["metric"],
-        "loss": result.history[1]["loss"],
-    }

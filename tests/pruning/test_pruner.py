@@ -1,5 +1,6 @@
 import itertools
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 
 from icbs_opt.backends import Backend, get_backend
 from icbs_opt.backends.native import NativeBackend
-from icbs_opt.errors import BackendError, BackendUnavailable, DataError, PruningError
+from icbs_opt.errors import BackendError, BackendUnavailable, PruningError
 from icbs_opt.problems import BlockProblem
 from icbs_opt.pruning import (
     INIT_METHODS,
@@ -21,19 +22,11 @@ from icbs_opt.pruning import (
     prune,
 )
 from icbs_opt.pruning.selection import select_block
-
-
-def ce_loss(model, X, y):
-    return F.cross_entropy(model(X), y)
+from tests.tiny import ce_loss, mlp
 
 
 def mse_loss(model, X, y):
     return F.mse_loss(model(X), y)
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 def convnet(seed=0):
@@ -377,7 +370,7 @@ def test_problem_hook_gets_unscaled_problem_with_meta(tmp_path):
     assert p.scaled()[1] == pytest.approx(meta["scale"])
     assert int(meta["x_cur"].sum()) == p.k
     assert p.energy(meta["x_cur"]) + meta["const"] == pytest.approx(0.0, abs=1e-12)
-    assert record.dl == pytest.approx(record.dl)  # the record is finite
+    assert math.isfinite(record.dl)
     p.save(tmp_path / "block.npz")
     assert BlockProblem.load(tmp_path / "block.npz").meta["layer"] == "2"
     assert not torch.equal(masks["2"], pruner.masks()["2"]) or not record.accepted
@@ -410,38 +403,6 @@ def test_same_seed_same_masks(options):
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = run(4, **options)
     assert any(not torch.equal(a[k], c[k]) for k in a)
-
-
-# ------------------------------------------------------------------- prune loop
-def test_prune_loop_history_and_restart():
-    model = mlp()
-    data = list(itertools.islice(batches(), 3))  # re-iterable: restarted
-    pruner = Pruner(model, ce_loss, 0.5, "exhaustive", block_size=8)
-    calls = []
-
-    def evaluate(m):
-        calls.append(1)
-        return {"metric": 1.0, "loss": 2.0}
-
-    seen = []
-    result = prune(
-        pruner, data, 7, evaluate=evaluate, eval_every=3, on_step=seen.append
-    )
-    assert [h["step"] for h in result.history] == [0, 3, 6, 7]
-    assert len(result.records) == len(seen) == 7
-    assert result.accepted == sum(r.accepted for r in result.records)
-    assert result.seconds >= sum(r.seconds.total for r in result.records) * 0.99
-    assert result.history[-1]["seconds"] == result.seconds
-
-
-def test_prune_loop_iterator_runs_out():
-    pruner = Pruner(mlp(), ce_loss, 0.5, "exhaustive", block_size=8)
-    with pytest.raises(DataError, match="ran out after 2 of 5"):
-        prune(pruner, iter(list(itertools.islice(batches(), 2))), 5)
-    with pytest.raises(DataError, match="empty"):
-        prune(pruner, [], 1)
-    with pytest.raises(PruningError, match="steps must be"):
-        prune(pruner, [], -1)
 
 
 # ---------------------------------------------------------------- bad input

@@ -12,7 +12,6 @@ pytest.importorskip("compressed_tensors")
 from compressed_tensors.config import SparsityCompressionConfig  # noqa: E402
 from compressed_tensors.utils import match_named_modules  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_llm import WORDS, tiny_llama, word_tokenizer, write_text  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from icbs_opt.errors import DataError  # noqa: E402
@@ -20,6 +19,7 @@ from icbs_opt.pruning import nonzero_density  # noqa: E402
 from icbs_opt.tasks import causal_lm as llm  # noqa: E402
 from icbs_opt.tasks import compressed  # noqa: E402
 from icbs_opt.tasks.options import TextOptions  # noqa: E402
+from tests.tiny import WORDS, tiny_llama, word_tokenizer, write_text  # noqa: E402
 
 VOCAB = len(WORDS) + 1
 
@@ -147,17 +147,6 @@ def test_options_check_the_save_settings(monkeypatch):
         DataError, match=r"install it with: pip install \"icbs-opt\[compress"
     ):
         TextOptions(save_format="compressed")
-
-
-def test_cli_refuses_compressed_without_the_package(monkeypatch, capsys):
-    from icbs_opt.cli import main
-
-    monkeypatch.setattr(compressed, "compressed_tensors_available", lambda: False)
-    argv = ["prune", "--task", "smollm2-135m", "--save-format", "compressed"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("icbs-opt: error: save_format 'compressed' needs")
-    assert err.count("\n") == 1, err
 
 
 def test_a_layer_that_is_not_2_4_is_refused():

@@ -1,5 +1,6 @@
-"""`icbs-opt prune` keeps its work: signals, checkpoints, resume, time budget,
-keep-best and output paths checked before any model loads (issue 13)."""
+"""`icbs-opt prune` keeps its work: signals, checkpoints, resume and time budget
+(issue 13). Keep-best: tests/pruning/test_loop.py; output paths checked before any
+model loads: test_fail_fast.py."""
 
 import json
 import os
@@ -15,7 +16,6 @@ from safetensors.torch import load_file
 from icbs_opt.cli import main
 from icbs_opt.cli import prune as cli_prune
 from icbs_opt.pruning import pruner as pruner_module
-from icbs_opt.tasks import digits as tasks
 from icbs_opt.tasks import get_task
 
 STEPS = 40
@@ -184,22 +184,6 @@ def test_resume_with_another_setting_is_refused(cache, tmp_path, capsys):
         assert f"cannot resume with {field} " in err and err.count("\n") == 1, err
 
 
-def test_keep_best_restores_the_best_validation_mask(cache, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = prune_argv(cache, out, "--keep-best", "--eval-every", "4")
-    assert main(argv) == 0
-    s = json.loads((out / "results.json").read_text())
-    best = max(s["history"], key=lambda h: h["val_metric"])  # the first best
-    assert s["keep_best"]["step"] == best["step"] < STEPS
-    assert s["final"]["metric"] == best["metric"]
-    assert s["settings"]["run"]["keep_best"]
-    config = json.loads((out / "prune_config.json").read_text())
-    assert config["task_options"]["val_fraction"] == 0.2
-    capsys.readouterr()
-    assert main(["evaluate", "--model", str(out), "--json", "-"]) == 0
-    assert json.loads(capsys.readouterr().out)["accuracy"] == best["metric"]
-
-
 def test_validation_split_is_held_out_of_the_pruning_data(cache):
     task = get_task("digits-mlp", cache_dir=cache, val_fraction=0.2)
     full = get_task("digits-mlp", cache_dir=cache)
@@ -212,66 +196,3 @@ def test_validation_split_is_held_out_of_the_pruning_data(cache):
     X, _ = next(task.batches(0))
     assert all(tuple(x.tolist()) in rows for x in X)
     assert full.validate is None
-
-
-def test_keep_best_needs_an_evaluation_period(capsys):
-    assert main(["prune", "--keep-best", "--eval-every", "0"]) == 2
-    assert "keep_best needs eval_every > 0" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [
-        ("out_is_file", "output folder"),
-        ("json_is_dir", "is a directory"),
-        ("plot_is_dir", "is a directory"),
-        ("harvest_is_file", "output folder"),
-        ("checkpoint_is_file", "output folder"),
-        ("out_not_ours", "holds files icbs-opt did not write"),
-        ("json_symlink", "symbolic link"),
-        ("checkpoint_every_nowhere", "--checkpoint-every needs --out"),
-        ("resume_missing", "cannot read the checkpoint"),
-    ],
-)
-def test_bad_output_paths_fail_fast_before_loading(
-    case, message, tmp_path, monkeypatch, capsys
-):
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded before the outputs were checked")
-
-    monkeypatch.setattr(tasks, "load_or_train_digits_mlp", no_model)
-    a_file, a_dir = tmp_path / "file", tmp_path / "dir"
-    a_file.write_text("x")
-    a_dir.mkdir()
-    (tmp_path / "theirs").mkdir()
-    (tmp_path / "theirs" / "notes.txt").write_text("mine")
-    (tmp_path / "link.json").symlink_to(tmp_path / "elsewhere.json")
-    argv = {
-        "out_is_file": ["--out", str(a_file)],
-        "json_is_dir": ["--json", str(a_dir)],
-        "plot_is_dir": ["--plot", str(a_dir)],
-        "harvest_is_file": ["--harvest", str(a_file)],
-        "checkpoint_is_file": ["--checkpoint", str(a_file)],
-        "out_not_ours": ["--out", str(tmp_path / "theirs")],
-        "json_symlink": ["--json", str(tmp_path / "link.json")],
-        "checkpoint_every_nowhere": ["--checkpoint-every", "5"],
-        "resume_missing": ["--resume", str(a_dir)],
-    }[case]
-    start = time.perf_counter()
-    assert main(["prune", *argv]) == 2
-    assert time.perf_counter() - start < 1.0
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_unwritable_out_fails_fast(tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    assert main(["prune", "--out", str(locked / "run")]) == 2
-    assert "is not writable" in capsys.readouterr().err
-
-
-def test_val_fraction_is_checked_before_loading(capsys):
-    assert main(["prune", "--val-fraction", "1.5"]) == 2
-    assert "val_fraction" in capsys.readouterr().err
