@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -505,6 +506,7 @@ def block_derivatives(
     max_batch_size: int | None = None,
     chunk_size: int = 32,
     tape: LayerTape | None = None,
+    factor: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Block gradient and Hessian model (DESIGN step 3) with their timings.
 
@@ -523,14 +525,19 @@ def block_derivatives(
         chunk_size: Rows per pass for ``exact_piecewise``.
         tape: A :class:`LayerTape` of ``module`` on this batch; with
             ``gradient_per_sample`` the per-sample gradients come from it.
+        factor: Return the gradient models' Hessian as its factor ``F``
+            ``(m, n)`` with ``H = F^T F`` (m: samples, or 1 for ``gradient_mean``),
+            without forming H; refused for the exact models.
 
     Returns:
-        ``(g (n,), H (n, n), gradient_seconds, hessian_seconds)``, float64.
+        ``(g (n,), H (n, n) or F, gradient_seconds, hessian_seconds)``, float64.
     """
     if hessian not in HESSIAN_MODELS:
         raise PruningError(
             f"hessian must be one of {', '.join(HESSIAN_MODELS)}, got {hessian!r}"
         )
+    if factor and hessian.startswith("exact"):
+        raise PruningError(f"hessian {hessian!r} has no low-rank factor")
     t0 = time.perf_counter()
     mbs = max_batch_size
     if hessian.startswith("exact"):  # gradient and Hessian come from one graph
@@ -551,7 +558,11 @@ def block_derivatives(
         )  # (N, n)
     g = G.mean(0)  # (n,)
     t1 = time.perf_counter()
-    H = G.T @ G / (len(X) if hessian == "gradient_mean" else G.shape[0])  # (n, n)
+    samples = len(X) if hessian == "gradient_mean" else G.shape[0]
+    if factor:  # H = F^T F
+        return g, G / math.sqrt(samples), t1 - t0, time.perf_counter() - t1
+    H = G.T @ G  # (n, n)
+    H /= samples
     return g, H, t1 - t0, time.perf_counter() - t1
 
 

@@ -309,3 +309,21 @@ def test_recording_every_layer_equals_recording_each_alone(dtype):
         assert torch.equal(
             tape.per_sample_block_gradients(idx), alone.per_sample_block_gradients(idx)
         )
+
+
+@pytest.mark.parametrize("hessian", ["gradient_per_sample", "gradient_mean"])
+def test_block_derivatives_factor_gives_the_same_hessian(hessian):
+    model = mlp()
+    X, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    args = (model, ce_loss, X, y, model[0], IDX, hessian)
+    g, H, _, _ = block_derivatives(*args)
+    g_f, F, _, _ = block_derivatives(*args, factor=True)
+    torch.testing.assert_close(g_f, g)
+    torch.testing.assert_close(F.T @ F, H)
+
+
+def test_block_derivatives_exact_models_have_no_factor():
+    model = mlp()
+    X, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(PruningError, match="'exact' has no low-rank factor"):
+        block_derivatives(model, ce_loss, X, y, model[0], IDX, "exact", factor=True)

@@ -3,10 +3,15 @@
 DESIGN.md section 1 is the specification. One concern per module:
 
 - :mod:`~icbs_opt.pruning.state`: which layers, their masks, frozen and tabu sets;
+- :mod:`~icbs_opt.pruning.scores`: the weight scores of the init and of selection;
+- :mod:`~icbs_opt.pruning.init`: the initial mask;
 - :mod:`~icbs_opt.pruning.selection`: the layer schedule and block selection;
 - :mod:`~icbs_opt.pruning.qubo`: the block QUBO and its solve;
-- :mod:`~icbs_opt.pruning.pruner`: :class:`Pruner`, the initial mask and the step;
+- :mod:`~icbs_opt.pruning.step`: the block step (select, model, solve, accept);
+- :mod:`~icbs_opt.pruning.pruner`: :class:`Pruner`, the state and the pass;
 - :mod:`~icbs_opt.pruning.loop`: :func:`prune`, steps over batches with evaluations.
+
+docs/architecture.md maps the whole package.
 
 Settings live in :mod:`icbs_opt.settings` (torch-free) and are re-exported here.
 """

@@ -23,9 +23,11 @@ def block_qubo(
     w0: torch.Tensor,
     w: torch.Tensor,
     g: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | None,
     grad_multiplier: float = 1.0,
     ridge_multiplier: float = 0.0,
+    *,
+    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The block QUBO of DESIGN step 4: ``dL(x) = x^T Q x + const``.
 
@@ -35,23 +37,35 @@ def block_qubo(
             section 1, "Restore values").
         w: ``(n,)`` current weights (``0`` where pruned, ``w0`` where kept).
         g: ``(n,)`` loss gradient at ``w``.
-        H: ``(n, n)`` Hessian model.
+        H: ``(n, n)`` Hessian model, or None with ``factor``.
         grad_multiplier: ``lambda_g``.
         ridge_multiplier: ``lambda_r``.
+        factor: ``(m, n)`` ``F`` of a low-rank Hessian model ``H = F^T F`` (the
+            empirical Fisher), used instead of ``H``: Q is then one product.
 
     Returns:
         ``Q`` ``(n, n)`` float64 and ``const``.
     """
-    w0, w, g, H = (t.to(torch.float64) for t in (w0, w, g, H))
+    w0, w, g = (t.to(torch.float64) for t in (w0, w, g))
     dw = w - w0  # (n,) = -w0 where pruned, 0 where kept
-    Q = 0.5 * w0[:, None] * H * w0[None, :]  # (n, n) 1/2 W0 H W0
-    diag = (
-        w0 * (H @ dw)  # diag(W0 H dw)
+    if factor is None:
+        H = H.to(torch.float64)  # type: ignore[union-attr]
+        Q = H * w0[:, None]  # (n, n) 1/2 W0 H W0, built in place
+        Q *= w0[None, :]
+        H_dw = H @ dw  # (n,)
+    else:
+        F = factor.to(torch.float64)  # (m, n)
+        A = F * w0  # (m, n) F W0
+        Q = A.T @ A  # (n, n) W0 H W0
+        F_dw = F @ dw  # (m,)
+        H_dw = F.T @ F_dw
+    Q *= 0.5
+    Q.diagonal().add_(
+        w0 * H_dw  # diag(W0 H dw)
         - grad_multiplier * w0 * g  # -lambda_g diag(W0 g)
         + ridge_multiplier * w0 * (2 * dw + w0)  # lambda_r diag(w0 (2 dw + w0))
     )
-    Q = Q + torch.diag(diag)
-    const = 0.5 * dw @ H @ dw - grad_multiplier * g @ dw + ridge_multiplier * dw @ dw
+    const = 0.5 * dw @ H_dw - grad_multiplier * g @ dw + ridge_multiplier * dw @ dw
     return Q, float(const)
 
 

@@ -225,6 +225,7 @@ def block_model(
     With pattern N:M the constraint is one count per group of the block.
     """
     b, sec = block, block.record.seconds
+    low_rank = config.hessian.startswith("gradient")  # H = F^T F, never formed
     g, H, sec.gradient, sec.hessian = block_derivatives(
         model,
         loss_fn,
@@ -236,11 +237,16 @@ def block_model(
         max_batch_size=config.max_batch_size,
         chunk_size=config.hessian_chunk_size,
         tape=tape,
-    )  # g (n,), H (n, n)
+        factor=low_rank,
+    )  # g (n,), H (n, n) or its factor F (m, n)
     t = time.perf_counter()
     r = b.layer.keep_values[b.idx]  # (n,) values if kept ("Restore values")
     w = torch.where(b.x_cur, torch.zeros_like(r), r)  # (n,) current values
-    Q, const = block_qubo(r, w, g, H, config.grad_multiplier, config.ridge_multiplier)
+    lam_g, lam_r = config.grad_multiplier, config.ridge_multiplier
+    if low_rank:
+        Q, const = block_qubo(r, w, g, None, lam_g, lam_r, factor=H)
+    else:
+        Q, const = block_qubo(r, w, g, H, lam_g, lam_r)
     group_of = None if config.nm is None else b.idx // config.nm[1]  # (n,)
     problem = block_problem(Q, b.x_cur, group_of)
     x0 = b.x_cur.cpu().numpy().astype(np.int8)

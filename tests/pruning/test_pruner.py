@@ -232,16 +232,20 @@ def test_log_schedule_counts():
 
 
 # ------------------------------------------------------------ QUBO and acceptance
-def test_block_qubo_matches_its_definition():
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_block_qubo_matches_its_definition(low_rank):
     rng = np.random.default_rng(0)
     n = 7
     w0 = torch.tensor(rng.standard_normal(n))
     pruned = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
     w = torch.where(pruned, 0.0, w0)
     g = torch.tensor(rng.standard_normal(n))
-    A = torch.tensor(rng.standard_normal((n, n)))
-    H = A @ A.T
-    Q, const = block_qubo(w0, w, g, H, 0.75, 1e-2)
+    F = torch.tensor(rng.standard_normal((3 if low_rank else n, n)))  # H = F^T F
+    H = F.T @ F
+    if low_rank:  # the empirical Fisher's form: H is never formed
+        Q, const = block_qubo(w0, w, g, None, 0.75, 1e-2, factor=F)
+    else:
+        Q, const = block_qubo(w0, w, g, H, 0.75, 1e-2)
     for bits in itertools.combinations(range(n), 4):
         x = torch.zeros(n, dtype=torch.float64)
         x[list(bits)] = 1
