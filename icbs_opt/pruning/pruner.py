@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,18 +37,21 @@ from icbs_opt.pruning.init import initial_prune
 from icbs_opt.pruning.refit import refit as refit_layers
 from icbs_opt.pruning.scores import ScoreInputs, weight_scores
 from icbs_opt.pruning.selection import LayerSchedule
-from icbs_opt.pruning.state import LayerState, check_groups, resolve_layers
+from icbs_opt.pruning.state import LayerState, check_groups, load_layers, resolve_layers
 from icbs_opt.pruning.step import (
     Block,
     BlockModel,
+    PassRecord,
     StepRecord,
     StepSeconds,
     accept,
     answer_mask,
     block_model,
+    check_moves,
     prepare_solves,
     select_blocks,
     set_block,
+    share_seconds,
     solve_prepared,
     with_meta,
 )
@@ -61,44 +63,6 @@ logger = logging.getLogger(__name__)
 
 #: Blocks of a pass built and solved together (bounds the problems held at once).
 SOLVE_CHUNK = 32
-
-
-@dataclass
-class PassRecord:
-    """What one pass (one forward/backward and its blocks) did.
-
-    Attributes:
-        number: 1-based pass number of this pruner.
-        blocks: One :class:`StepRecord` per block.
-        loss_before: Batch loss at the start of the pass (when measured).
-        loss_after: Batch loss after the pass's moves (with ``check_pass``).
-        rolled_back: Whether the pass check undid the pass's moves.
-        seconds: ``record``, ``select``, ``qubo``, ``solve``, ``check``, ``total``.
-    """
-
-    number: int
-    blocks: list[StepRecord]
-    loss_before: float | None = None
-    loss_after: float | None = None
-    rolled_back: bool = False
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def accepted(self) -> int:
-        """Blocks whose move stands."""
-        return sum(r.accepted and not r.rolled_back for r in self.blocks)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (the blocks' records are listed separately)."""
-        return {
-            "pass": self.number,
-            "blocks": len(self.blocks),
-            "accepted": self.accepted,
-            "rolled_back": self.rolled_back,
-            "loss_before": self.loss_before,
-            "loss_after": self.loss_after,
-            "seconds": self.seconds,
-        }
 
 
 class Pruner:
@@ -286,7 +250,13 @@ class Pruner:
             qubo, solve = self._model_solve_accept(work, tapes, X, y, moves)
             record = PassRecord(number, [b.record for b in work], loss_before)
             if check and record.accepted:
-                self._check_pass(record, work, moves, X, y)
+                check_moves(
+                    record,
+                    work,
+                    moves,
+                    lambda: batch_loss(self.model, self.loss_fn, X, y, self._mbs),
+                    one_by_one=self.config.check_blocks,
+                )
         except BaseException:  # KeyboardInterrupt too: never stop half-way
             for i in sorted(moves, reverse=True):
                 set_block(work[i], work[i].x_cur)
@@ -298,7 +268,7 @@ class Pruner:
         record.seconds = {"record": t1 - t0, "select": t2 - t1, "qubo": qubo,
                           "solve": solve, "check": t5 - t2 - qubo - solve,
                           "total": t5 - t0}  # fmt: skip
-        _share_seconds(work, record.seconds)
+        share_seconds(work, record.seconds)
         return record
 
     # -------------------------------------------------------------- the pass
@@ -434,39 +404,6 @@ class Pruner:
         )
         return {names[id(t.module)]: t for t in tapes}, loss
 
-    def _check_pass(
-        self,
-        record: PassRecord,
-        work: list[Block],
-        moves: dict[int, torch.Tensor],
-        X: Any,
-        y: Any,
-    ) -> None:
-        """Undo the pass's moves (or each block's) that raised the batch loss."""
-        moved = sorted(moves)
-        if self.config.check_blocks:  # replay the moves one at a time
-            for i in reversed(moved):
-                set_block(work[i], work[i].x_cur)
-            best = record.loss_before
-            for i in moved:
-                set_block(work[i], moves[i])
-                loss = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
-                if loss > best:  # type: ignore[operator]
-                    set_block(work[i], work[i].x_cur)
-                    work[i].record.rolled_back = True
-                else:
-                    best = loss
-            record.loss_after = best
-            record.rolled_back = all(work[i].record.rolled_back for i in moved)
-            return
-        record.loss_after = batch_loss(self.model, self.loss_fn, X, y, self._mbs)
-        if record.loss_after <= record.loss_before:  # type: ignore[operator]
-            return
-        for i in reversed(moved):
-            set_block(work[i], work[i].x_cur)
-            work[i].record.rolled_back = True
-        record.rolled_back = True
-
     def _selection_scores(
         self, L: LayerState, X: Any, y: Any, tape: LayerTape | None
     ) -> torch.Tensor:
@@ -591,39 +528,11 @@ class Pruner:
                 model or config).
         """
         if "layers" in state:
-            self._load_layers(state["layers"])
+            load_layers(self._layers, state["layers"], self.config)
         self.steps_done, self.passes_done = state["steps_done"], state["passes_done"]
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self._schedule.load_state_dict(state["schedule"])
-
-    def _load_layers(self, saved: Mapping[str, Any]) -> None:
-        """Masks, tabu FIFOs and kept values of :meth:`state_dict`, checked first."""
-        if sorted(saved) != sorted(self._layers):
-            raise PruningError(
-                f"the checkpoint prunes layers {sorted(saved)}, this pruner "
-                f"{sorted(self._layers)}"
-            )
-        for name, L in self._layers.items():  # check all before changing any
-            pruned = saved[name]["pruned"].to(L.pruned.device)
-            if not torch.equal(pruned[L.frozen], L.pruned[L.frozen]):
-                raise PruningError(
-                    f"the checkpoint's mask of layer {name!r} moves frozen weights"
-                )
-            nm = self.config.nm
-            if nm is not None and torch.any(
-                (~pruned).reshape(-1, nm[1]).sum(1) != nm[0]
-            ):
-                raise PruningError(
-                    f"the checkpoint's mask of layer {name!r} is not "
-                    f"{self.config.pattern} in every group"
-                )
-        for name, L in self._layers.items():
-            L.pruned = saved[name]["pruned"].to(L.pruned.device).clone()
-            if "keep_values" in saved[name]:
-                L.keep_values = saved[name]["keep_values"].to(L.w0).clone()
-            L.tabu = collections.deque(t.to(L.w0.device) for t in saved[name]["tabu"])
-            L.write(torch.arange(L.numel, device=L.w0.device))
 
 
 def _make_config(
@@ -655,13 +564,3 @@ def _make_backend(backend: str | Backend, options: Mapping[str, Any] | None) -> 
             )
         return backend
     return get_backend(backend, **dict(options or {}))
-
-
-def _share_seconds(work: list[Block], seconds: dict[str, float]) -> None:
-    """Give each block an even share of the pass's recording and solving time."""
-    for b in work:
-        sec = b.record.seconds
-        sec.forward_backward = seconds["record"] / len(work)
-        sec.select = seconds["select"] / len(work)
-        sec.solve = seconds["solve"] / len(work)
-        sec.total = seconds["total"] / len(work)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from icbs_opt.derivatives import PRUNABLE_TYPES, check_prunable, weight_matrix_shape
 from icbs_opt.errors import PruningError
+from icbs_opt.settings import PruneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -285,3 +287,37 @@ def freeze(
     frozen[top(pruned_idx, scores, None, n_prune, largest=False)] = True
     frozen[top(kept_idx, scores, None, n_keep, largest=True)] = True
     return frozen
+
+
+def load_layers(
+    layers: dict[str, LayerState], saved: Mapping[str, Any], config: PruneConfig
+) -> None:
+    """Set masks, tabu FIFOs and kept values from a checkpoint, all checked first.
+
+    Raises:
+        PruningError: If the layers differ, or a saved mask moves a frozen weight
+            or breaks the N:M pattern (a checkpoint of another model or config).
+    """
+    if sorted(saved) != sorted(layers):
+        raise PruningError(
+            f"the checkpoint prunes layers {sorted(saved)}, this pruner "
+            f"{sorted(layers)}"
+        )
+    nm = config.nm
+    for name, L in layers.items():  # check all before changing any
+        pruned = saved[name]["pruned"].to(L.pruned.device)
+        if not torch.equal(pruned[L.frozen], L.pruned[L.frozen]):
+            raise PruningError(
+                f"the checkpoint's mask of layer {name!r} moves frozen weights"
+            )
+        if nm is not None and torch.any((~pruned).reshape(-1, nm[1]).sum(1) != nm[0]):
+            raise PruningError(
+                f"the checkpoint's mask of layer {name!r} is not "
+                f"{config.pattern} in every group"
+            )
+    for name, L in layers.items():
+        L.pruned = saved[name]["pruned"].to(L.pruned.device).clone()
+        if "keep_values" in saved[name]:
+            L.keep_values = saved[name]["keep_values"].to(L.w0).clone()
+        L.tabu = collections.deque(t.to(L.w0.device) for t in saved[name]["tabu"])
+        L.write(torch.arange(L.numel, device=L.w0.device))

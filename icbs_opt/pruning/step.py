@@ -104,6 +104,44 @@ class StepRecord:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class PassRecord:
+    """What one pass (one forward/backward and its blocks) did.
+
+    Attributes:
+        number: 1-based pass number of this pruner.
+        blocks: One :class:`StepRecord` per block.
+        loss_before: Batch loss at the start of the pass (when measured).
+        loss_after: Batch loss after the pass's moves (with ``check_pass``).
+        rolled_back: Whether the pass check undid the pass's moves.
+        seconds: ``record``, ``select``, ``qubo``, ``solve``, ``check``, ``total``.
+    """
+
+    number: int
+    blocks: list[StepRecord]
+    loss_before: float | None = None
+    loss_after: float | None = None
+    rolled_back: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        """Blocks whose move stands."""
+        return sum(r.accepted and not r.rolled_back for r in self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the blocks' records are listed separately)."""
+        return {
+            "pass": self.number,
+            "blocks": len(self.blocks),
+            "accepted": self.accepted,
+            "rolled_back": self.rolled_back,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "seconds": self.seconds,
+        }
+
+
 @dataclass(frozen=True)
 class Block:
     """A block of one layer: where a step works (step 2's result).
@@ -332,3 +370,52 @@ def set_block(block: Block, pruned: torch.Tensor) -> None:
     """Give the block's weights the state ``pruned`` in the mask and the model."""
     block.layer.pruned[block.idx] = pruned
     block.layer.write(block.idx)
+
+
+def check_moves(
+    record: PassRecord,
+    work: Sequence[Block],
+    moves: dict[int, torch.Tensor],
+    loss: Callable[[], float],
+    *,
+    one_by_one: bool = False,
+) -> None:
+    """Undo the pass's moves that raised the batch loss ``loss()``.
+
+    ``moves`` maps a block's index in ``work`` to its applied mask. All moves
+    stand or fall together, or with ``one_by_one`` each is replayed in order and
+    kept only if the loss does not rise.
+    """
+    moved = sorted(moves)
+    if one_by_one:
+        for i in reversed(moved):
+            set_block(work[i], work[i].x_cur)
+        best = record.loss_before
+        for i in moved:
+            set_block(work[i], moves[i])
+            now = loss()
+            if now > best:  # type: ignore[operator]
+                set_block(work[i], work[i].x_cur)
+                work[i].record.rolled_back = True
+            else:
+                best = now
+        record.loss_after = best
+        record.rolled_back = all(work[i].record.rolled_back for i in moved)
+        return
+    record.loss_after = loss()
+    if record.loss_after <= record.loss_before:  # type: ignore[operator]
+        return
+    for i in reversed(moved):
+        set_block(work[i], work[i].x_cur)
+        work[i].record.rolled_back = True
+    record.rolled_back = True
+
+
+def share_seconds(work: list[Block], seconds: dict[str, float]) -> None:
+    """Give each block an even share of the pass's recording and solving time."""
+    for b in work:
+        sec = b.record.seconds
+        sec.forward_backward = seconds["record"] / len(work)
+        sec.select = seconds["select"] / len(work)
+        sec.solve = seconds["solve"] / len(work)
+        sec.total = seconds["total"] / len(work)
