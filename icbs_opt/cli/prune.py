@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 import time
@@ -24,13 +23,17 @@ from typing import Any
 from icbs_opt.atomic import atomic_path
 from icbs_opt.backends import Backend, get_backend
 from icbs_opt.cli.common import (
+    EXIT_WRITE_FAILED,
     Interrupts,
     add_backend_option_flag,
     add_json_flag,
     check_output,
     hide_loading_bars,
+    os_reason,
     parse_key_values,
     progress_bar,
+    write_each,
+    write_errors,
     write_json,
 )
 from icbs_opt.cli.flags import (
@@ -42,12 +45,19 @@ from icbs_opt.cli.flags import (
     given_task_options,
     zero_shot_tasks,
 )
-from icbs_opt.cli.report import per_corpus, plot_history, print_prune_table, print_stop
+from icbs_opt.cli.report import (
+    check_plot_path,
+    per_corpus,
+    plot_history,
+    print_prune_table,
+    print_stop,
+)
 from icbs_opt.errors import DataError, PruningError
 from icbs_opt.executors import executor_address
 from icbs_opt.record import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    RESULTS_FILE,
     RESUME_MAY_CHANGE,
     RunRecord,
     checkpoint_file,
@@ -56,6 +66,8 @@ from icbs_opt.settings import Preset
 from icbs_opt.tasks import TaskSpec, task_names, task_spec
 from icbs_opt.zeroshot import format_zero_shot
 
+#: The masks file of an ``--out`` folder.
+MASKS_FILE = "masks.safetensors"
 #: Outputs that are folders.
 FOLDER_OUTPUTS = ("out", "harvest", "checkpoint")
 #: A non-empty --out or --checkpoint folder must hold one of these (icbs-opt's).
@@ -117,6 +129,7 @@ class PrunePlan:
         resume: The checkpoint file this run continues (None: a new run).
         zero_shot: Zero-shot tasks evaluated after pruning (None: none).
         limit: Examples per zero-shot task (None: all).
+        checkpoint_failed: Whether a checkpoint could not be written (said once).
     """
 
     spec: TaskSpec
@@ -131,6 +144,7 @@ class PrunePlan:
     zero_shot: list[str] | None = None
     limit: int | None = None
     harvest_format: str = "npz"
+    checkpoint_failed: bool = False
 
     @property
     def record(self) -> RunRecord:
@@ -228,7 +242,8 @@ def _check_outputs(outputs: dict[str, str]) -> None:
     """Fail now, not after the run, on an output that cannot or must not be written.
 
     A folder that already holds files must be one icbs-opt wrote: it has a
-    ``prune_config.json`` or a checkpoint. ``--plot`` needs matplotlib.
+    ``prune_config.json`` or a checkpoint. ``--plot`` needs matplotlib and a
+    file name whose extension it can write.
     """
     for key, path in outputs.items():
         check_output(path, folder=key in FOLDER_OUTPUTS)
@@ -241,10 +256,8 @@ def _check_outputs(outputs: dict[str, str]) -> None:
                 f"output folder {path!r} holds files icbs-opt did not write (no "
                 f"{' or '.join(_OURS)}); give a new or empty folder"
             )
-    if "plot" in outputs and importlib.util.find_spec("matplotlib") is None:
-        raise DataError(
-            "--plot needs matplotlib; install it with: pip install matplotlib"
-        )
+    if "plot" in outputs:
+        check_plot_path(outputs["plot"])
 
 
 def _refuse_changes(saved: RunRecord, given: RunRecord) -> None:
@@ -300,19 +313,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             summary = _finish(plan, task, pruner, result, start, interrupts.received)
             if plan.outputs.get("json") != "-":  # stdout is the JSON's alone
                 print_prune_table(summary)
-            _write_outputs(plan, task, pruner, summary, result)
+            failed = _write_outputs(plan, task, pruner, summary, result)
     finally:
         pruner.close()
     if result.stopped:
-        print_stop(plan.outputs, summary)
+        print_stop(plan.outputs, summary, failed)
     elif plan.zero_shot:  # after the outputs: an interrupt here loses nothing
         summary["zero_shot"] = task.zero_shot(
             task.model, plan.zero_shot, plan.limit, progress=plan.progress
         )
         if plan.outputs.get("json") != "-":
             print("\n".join(format_zero_shot(summary["zero_shot"])))
-        _write_summary(plan, summary, result)
-    return interrupts.exit_status
+        writes = _summary_writes(plan, summary, result)
+        failed += write_each([w for w in writes if w is not None])
+    return EXIT_WRITE_FAILED if failed else interrupts.exit_status
 
 
 def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
@@ -378,8 +392,22 @@ def _prune(plan: PrunePlan, task: Any, pruner: Any, stop: Callable, resume: Any)
         )
 
 
-def _save_checkpoint(plan: PrunePlan, pruner: Any, result: Any) -> None:
-    plan.record.write_checkpoint(plan.checkpoint, pruner, result)  # type: ignore[arg-type]
+def _save_checkpoint(plan: PrunePlan, pruner: Any, result: Any) -> bool:
+    """Write the checkpoint; a failure (a full disk) is a one-line warning, once.
+
+    Returns:
+        Whether the checkpoint was written.
+    """
+    try:
+        plan.record.write_checkpoint(plan.checkpoint, pruner, result)  # type: ignore[arg-type]
+    except write_errors() as exc:
+        if not plan.checkpoint_failed:
+            where, why = plan.checkpoint, os_reason(exc)
+            print(f"icbs-opt: warning: cannot write the checkpoint {where!r}: {why}; "
+                  "going on without it", file=sys.stderr)  # fmt: skip
+        plan.checkpoint_failed = True
+        return False
+    return True
 
 
 def _finish(
@@ -397,8 +425,8 @@ def _finish(
     config, run = plan.preset.config, plan.preset.run
     checkpoint = None
     if plan.checkpoint and (result.stopped or run.checkpoint_every or plan.resume):
-        _save_checkpoint(plan, pruner, result)  # before the best mask is restored
-        checkpoint = plan.checkpoint
+        if _save_checkpoint(plan, pruner, result):  # before the best mask is restored
+            checkpoint = plan.checkpoint
     best = restore_best(pruner, result) if run.keep_best else None
     final = best or result.history[-1]
     if final["step"] != result.steps_done:  # an abandoned step lost its evaluation
@@ -456,36 +484,58 @@ def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
 
 
 # -------------------------------------------------------------------- write
+Write = tuple[str, Callable[[], Any]]
+
+
 def _write_outputs(
     plan: PrunePlan, task: Any, pruner: Any, summary: dict[str, Any], result: Any
-) -> None:
-    """The summary JSON, the plot, and the ``--out`` folder."""
+) -> list[str]:
+    """The summary JSON, the plot, and each file of the ``--out`` folder.
+
+    Each is written on its own: one that fails (a full disk) is said on stderr
+    in one line naming it, and the others are still written.
+
+    Returns:
+        The paths that could not be written.
+    """
+    json_write, results_write = _summary_writes(plan, summary, result)
     later = plan.zero_shot and not result.stopped  # the summary grows after this
-    if "json" in plan.outputs and not (later and plan.outputs["json"] == "-"):
-        write_json(plan.outputs["json"], summary)
+    writes = [json_write] if json_write and not (later and json_write[0] == "-") else []
     if "plot" in plan.outputs:
-        plot_history(summary["history"], task.metric, plan.outputs["plot"])
+        plot = plan.outputs["plot"]
+        writes.append((plot, lambda: plot_history(summary, plot)))
     out = plan.outputs.get("out")
-    if out is None:
-        return
+    if out is not None:
+        writes += [
+            (os.path.join(out, MASKS_FILE), lambda: _write_masks(out, pruner)),
+            (out, lambda: task.save_model(task.model, out)),
+            (os.path.join(out, CONFIG_FILE), lambda: plan.record.write_config(
+                out, layers=summary["layers"], task_info=task.info)),
+            results_write,
+        ]  # fmt: skip
+    return write_each(writes)
+
+
+def _write_masks(out: str, pruner: Any) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(out, exist_ok=True)
     masks = {name: m.cpu().contiguous() for name, m in pruner.masks().items()}
-    with atomic_path(os.path.join(out, "masks.safetensors")) as tmp:
+    with atomic_path(os.path.join(out, MASKS_FILE)) as tmp:
         meta = {"convention": "True = kept: weight == original weight * mask"}
         save_file(masks, tmp, metadata=meta)
-    task.save_model(task.model, out)
-    plan.record.write_config(out, layers=summary["layers"], task_info=task.info)
-    _write_summary(plan, summary, result, json_too=False)
 
 
-def _write_summary(
-    plan: PrunePlan, summary: dict[str, Any], result: Any, json_too: bool = True
-) -> None:
-    """``--json`` (when ``json_too``) and the ``--out`` folder's ``results.json``."""
-    if json_too and "json" in plan.outputs:
-        write_json(plan.outputs["json"], summary)
+def _summary_writes(
+    plan: PrunePlan, summary: dict[str, Any], result: Any
+) -> tuple[Write | None, Write | None]:
+    """The writes of ``--json`` and of the ``--out`` folder's ``results.json``."""
+    json_write = results_write = None
+    if "json" in plan.outputs:
+        path = plan.outputs["json"]
+        json_write = (path, lambda: write_json(path, summary))
     if "out" in plan.outputs:
+        out = plan.outputs["out"]
         steps = [r.to_dict() for r in result.records]
-        RunRecord.write_results(plan.outputs["out"], summary, steps)
+        results = os.path.join(out, RESULTS_FILE)
+        results_write = (results, lambda: RunRecord.write_results(out, summary, steps))
+    return json_write, results_write

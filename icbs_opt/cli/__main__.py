@@ -1,0 +1,7 @@
+"""``python -m icbs_opt.cli``: the ``icbs-opt`` command line."""
+
+import sys
+
+from icbs_opt.cli import main
+
+sys.exit(main())

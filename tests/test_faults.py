@@ -1,0 +1,139 @@
+"""Faults a user meets: full disks, bad resumes, untrusted folders, rough input.
+
+Each case gives one line on stderr and a documented exit status, and loses
+nothing finished (docs/cli.md "Outputs, interrupts and exit status").
+"""
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+
+from icbs_opt.cli import main
+from icbs_opt.tasks import digits as digits_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: The --out folder's files.
+OUT_FILES = ("masks.safetensors", "model.safetensors", "prune_config.json",
+             "results.json")  # fmt: skip
+
+
+def prune_argv(cache, *extra):
+    """A one-second digits run."""
+    return ["prune", "--cache-dir", str(cache), "--backend", "exhaustive",
+            "--block-size", "12", "--steps", "2", "--no-progress", *extra]  # fmt: skip
+
+
+def full_disk(monkeypatch, victim):
+    """Make every write of a file named ``victim`` fail: no space left."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == victim:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def no_model(monkeypatch):
+    """Fail the test if a model is loaded (the input should be refused first)."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(digits_task, "load_or_train_digits_mlp", load)
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icbs-opt: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ full disk
+def test_failed_checkpoint_warns_and_the_run_goes_on(
+    cache, tmp_path, capsys, monkeypatch
+):
+    full_disk(monkeypatch, "checkpoint.safetensors")
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    summary = tmp_path / "s.json"
+    argv = prune_argv(cache, "--out", str(out), "--checkpoint", str(ckpt),
+                      "--checkpoint-every", "1", "--json", str(summary))  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err  # three tries (two steps, the end), one warning
+    assert err.startswith("icbs-opt: warning: cannot write the checkpoint")
+    assert err.count("\n") == 1 and "No space left on device; going on" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUT_FILES)
+    summary = json.loads(summary.read_text())
+    assert summary["steps_done"] == 2 and summary["checkpoint"] is None
+    assert not any(ckpt.glob("*"))  # no temporary file left
+
+
+def test_safetensors_error_on_a_checkpoint_is_a_warning(
+    cache, tmp_path, capsys, monkeypatch
+):
+    import safetensors.torch
+
+    def save_file(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: No space left")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    argv = prune_argv(cache, "--checkpoint", str(tmp_path), "--checkpoint-every", "2")
+    assert main([*argv, "--json", str(tmp_path / "s.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left" in err
+    assert json.loads((tmp_path / "s.json").read_text())["steps_done"] == 2
+
+
+@pytest.mark.parametrize("victim", ["s.json", "curve.png", *OUT_FILES])
+def test_a_failed_output_names_its_path_and_the_rest_is_written(
+    victim, cache, tmp_path, capsys, monkeypatch
+):
+    full_disk(monkeypatch, victim)
+    out = tmp_path / "out"
+    argv = prune_argv(cache, "--out", str(out), "--json", str(tmp_path / "s.json"),
+                      "--plot", str(tmp_path / "curve.png"))  # fmt: skip
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.endswith(f"{victim}': No space left on device"), line
+    written = {p.name for p in [*out.iterdir(), *tmp_path.iterdir()] if p.is_file()}
+    assert written == {"s.json", "curve.png", *OUT_FILES} - {victim}
+    assert not [p for p in out.iterdir() if p.name.startswith(".icbs-tmp-")]
+
+
+def test_outputs_whose_folder_cannot_be_made_are_refused_first(capsys, monkeypatch):
+    no_model(monkeypatch)
+    assert main(["prune", "--json", "/proc/nope/x.json"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot write '/proc/nope/x.json': cannot create '/proc/nope'" in line
+
+
+def test_output_folders_are_proven_writable_without_leaving_them(
+    tmp_path, capsys, monkeypatch
+):
+    no_model(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    argv = ["prune", "--json", str(tmp_path / "a" / "b" / "s.json"),
+            "--out", str(tmp_path / "file" / "out")]  # fmt: skip
+    assert main(argv) == 2
+    one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_json_to_dev_null_is_allowed(cache, tmp_path, capsys):
+    assert main(prune_argv(cache, "--json", os.devnull, "--out", str(tmp_path))) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)  # written in place
+    assert capsys.readouterr().err == ""
+
+
+def test_outputs_are_readable_by_others_as_json_is(cache, tmp_path):
+    assert main(prune_argv(cache, "--out", str(tmp_path))) == 0
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == dict.fromkeys(OUT_FILES, 0o666 & ~umask)
