@@ -137,3 +137,89 @@ def test_outputs_are_readable_by_others_as_json_is(cache, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert modes == dict.fromkeys(OUT_FILES, 0o666 & ~umask)
+
+
+# --------------------------------------------------------------------- resume
+def stopped_run(cache, out, *extra):
+    """A run of 3 steps stopped by its time budget after the first.
+
+    Its resume needs a new ``--time-budget``.
+    """
+    argv = prune_argv(cache, "--steps", "3", "--time-budget", "1e-9", *extra)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert (out / "checkpoint.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("prune_config.json", b'{"task": "digits-mlp"}', "not a checkpoint (its head"),
+        ("random.bin", bytes(range(256)) * 20, "not a checkpoint (its header size"),
+        ("short.bin", b"abc", "not a checkpoint (3 bytes, shorter than a header)"),
+        ("nothing", None, "no such file (give the folder holding checkpoint"),
+    ],
+)
+def test_resume_of_what_is_not_a_checkpoint(
+    name, content, reason, tmp_path, capsys, monkeypatch
+):
+    no_model(monkeypatch)
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    assert main(["prune", "--resume", str(tmp_path / name)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot read the checkpoint '{tmp_path / name}': {reason}" in line, line
+
+
+def test_resume_of_a_safetensors_file_without_run_settings(
+    cache, tmp_path, capsys, monkeypatch
+):
+    assert main(prune_argv(cache, "--out", str(tmp_path))) == 0
+    no_model(monkeypatch)
+    assert main(["prune", "--resume", str(tmp_path / "masks.safetensors")]) == 2
+    assert "not a checkpoint of a prune run" in one_error_line(capsys.readouterr().err)
+
+
+def test_relative_paths_resume_from_another_folder(cache, tmp_path, monkeypatch):
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    stopped_run(os.path.relpath(cache), tmp_path / "first" / "run", "--json", "s.json")
+    monkeypatch.chdir(tmp_path / "second")
+    assert main(["prune", "--resume", "../first/run", "--time-budget", "60"]) == 0
+    assert list((tmp_path / "second").iterdir()) == []  # nothing written here
+    summary = json.loads((tmp_path / "first" / "s.json").read_text())
+    assert summary["steps_done"] == 3 and not summary["stopped"]
+    config = json.loads((tmp_path / "first" / "run" / "prune_config.json").read_text())
+    assert config["task_options"]["cache_dir"] == str(cache)
+
+
+def test_resume_may_change_executor_and_workers_not_task(cache, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(prune_argv(cache, "--steps", "3", "--out", str(whole))) == 0
+    stopped_run(cache, resumed)
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(resumed), "--task", "smollm2-135m"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot resume with --task 'smollm2-135m'" in line
+    assert "(only --time-budget, --checkpoint-every, --executor and --workers" in line
+    argv = ["prune", "--resume", str(resumed), "--time-budget", "60", "--executor",
+            "threads"]  # fmt: skip
+    assert main([*argv, "--workers", "2", "--no-progress"]) == 0
+    a, b = (load_file(str(d / "masks.safetensors")) for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_new_run_over_another_runs_checkpoint_needs_overwrite(
+    cache, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    stopped_run(cache, out)
+    capsys.readouterr()
+    assert main(prune_argv(cache, "--out", str(out))) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--out '{out}' holds the checkpoint of another run" in line
+    assert f"--resume {out}, or give --overwrite" in line
+    assert main(prune_argv(cache, "--out", str(out), "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUT_FILES)

@@ -112,6 +112,12 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="continue the run checkpointed in DIR, with its settings and outputs",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out or --checkpoint folder that holds another "
+        "run's checkpoint (which is removed when pruning starts)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_zero_shot_flags(p)
     add_setting_flags(p)
@@ -129,6 +135,8 @@ class PrunePlan:
         resume: The checkpoint file this run continues (None: a new run).
         zero_shot: Zero-shot tasks evaluated after pruning (None: none).
         limit: Examples per zero-shot task (None: all).
+        stale: Checkpoints of earlier runs in the output folders, removed
+            (``--overwrite``) once this run starts pruning.
         checkpoint_failed: Whether a checkpoint could not be written (said once).
     """
 
@@ -144,6 +152,7 @@ class PrunePlan:
     zero_shot: list[str] | None = None
     limit: int | None = None
     harvest_format: str = "npz"
+    stale: list[str] = dataclasses.field(default_factory=list)
     checkpoint_failed: bool = False
 
     @property
@@ -163,11 +172,12 @@ class PrunePlan:
 def _plan(args: argparse.Namespace) -> PrunePlan:
     """The run's plan; every setting and output path checked, all cheap."""
     given = {key: getattr(args, key) for key in (*FOLDER_OUTPUTS, "json", "plot")}
-    outputs = {k: v for k, v in given.items() if v is not None}
+    outputs = {k: _absolute(v) for k, v in given.items() if v is not None}
     saved = RunRecord.read_checkpoint(args.resume) if args.resume else None
     if saved is not None:
         outputs = {**saved.outputs, **outputs}
     _check_outputs(outputs)
+    stale = _stale_checkpoints(outputs, args)
     spec = task_spec(_task_name(args, saved))
     preset = (saved.preset if saved else spec.preset).replace(**given_settings(args))
     executor_address(preset.config.executor)  # a bad --executor fails now
@@ -190,10 +200,41 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
         zero_shot=zero_shot_tasks(args, spec, options),
         limit=args.limit,
         harvest_format=args.harvest_format,
+        stale=stale,
     )
     if saved is not None:
         _refuse_changes(saved, plan.record)
     return plan
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute (``-``, standard output, as it is)."""
+    return path if path == "-" else os.path.abspath(path)
+
+
+def _stale_checkpoints(outputs: dict[str, str], args: argparse.Namespace) -> list[str]:
+    """The checkpoints of other runs in the ``--out`` and ``--checkpoint`` folders.
+
+    Raises:
+        DataError: For such a checkpoint without ``--overwrite``: a new run there
+            would leave it behind, and a later ``--resume`` would continue it.
+    """
+    resumed = checkpoint_file(args.resume) if args.resume else None
+    stale = []
+    for key in ("out", "checkpoint"):
+        file = os.path.join(outputs.get(key, ""), CHECKPOINT_FILE)
+        if key not in outputs or not os.path.isfile(file):
+            continue
+        if resumed is not None and os.path.samefile(file, resumed):
+            continue
+        if not args.overwrite:
+            raise DataError(
+                f"{flag_of(key)} {outputs[key]!r} holds the checkpoint of another "
+                f"run: continue it with --resume {outputs[key]}, or give "
+                "--overwrite to start a new run there"
+            )
+        stale.append(file)
+    return stale
 
 
 def _task_name(args: argparse.Namespace, saved: RunRecord | None) -> str:
@@ -269,7 +310,8 @@ def _refuse_changes(saved: RunRecord, given: RunRecord) -> None:
 
 def _refusal(name: str, old: Any, new: Any) -> PruningError:
     """The error of a resume that changes the setting ``name``."""
-    may = " and ".join(flag_of(n) for n in RESUME_MAY_CHANGE)
+    *others, last = [flag_of(n) for n in RESUME_MAY_CHANGE]
+    may = f"{', '.join(others)} and {last}"
     return PruningError(
         f"cannot resume with {flag_of(name)} {new!r}: the checkpoint's run has "
         f"{old!r} (only {may} may change)"
@@ -306,6 +348,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         torch.set_num_threads(plan.preset.run.threads)
     task = plan.spec.build(plan.options)
     pruner, start, resume = _start(plan, task)
+    for stale in plan.stale:  # --overwrite: a later --resume must not find it
+        os.unlink(stale)
     try:
         with interrupts.installed():
             result = _prune(plan, task, pruner, stop, resume)

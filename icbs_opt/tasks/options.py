@@ -23,7 +23,13 @@ from icbs_opt.settings import (
     RunSettings,
     setting,
 )
-from icbs_opt.tasks.corpora import DATA_ENV, Corpus, resolve_corpus, split_names
+from icbs_opt.tasks.corpora import (
+    CORPUS_SUFFIXES,
+    DATA_ENV,
+    Corpus,
+    resolve_corpus,
+    split_names,
+)
 
 #: The digits MLP: the paper's settings, density 0.1, 300 steps of 256 weights; a
 #: refit reconstructs the dense model's layer outputs (97.8% against 68.9% for the
@@ -51,6 +57,29 @@ CAUSAL_LM_PRESET = Preset(
     ),
     RunSettings(steps=10, eval_every=0, threads=None),
 )
+
+
+def absolute_path(path: Any) -> Any:
+    """A path option made absolute, so a run resumed elsewhere reads the same files.
+
+    None (the default) and anything but a string or path stay as they are.
+
+    Example:
+        >>> absolute_path("/data/c4.jsonl"), absolute_path(None)
+        ('/data/c4.jsonl', None)
+    """
+    return os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+def _absolute_corpora(text: Any) -> Any:
+    """Comma-separated corpora with each file (not a corpus name) made absolute."""
+    if not isinstance(text, str):
+        return text
+    parts = [p.strip() for p in text.split(",")]
+    return ",".join(
+        absolute_path(p) if p and Path(p).suffix in CORPUS_SUFFIXES else p
+        for p in parts
+    )
 
 
 def check_device(device: Any) -> str:
@@ -95,6 +124,7 @@ class DigitsOptions:
     )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_dir", absolute_path(self.cache_dir))
         check_int(self.batch_size, "batch_size", minimum=1, error=DataError)
         fraction = check_float(
             self.val_fraction, "val_fraction", minimum=0, below=1, error=DataError
@@ -159,6 +189,9 @@ class TextOptions:
     def __post_init__(self) -> None:
         from icbs_opt.tasks.compressed import check_save_dtype, resolve_save_format
 
+        object.__setattr__(self, "data_dir", absolute_path(self.data_dir))
+        for name in ("calib_data", "eval_data"):
+            object.__setattr__(self, name, _absolute_corpora(getattr(self, name)))
         check_save_dtype(self.save_dtype)
         resolve_save_format(self.save_format)
         check_int(self.seq_len, "seq_len", minimum=2, error=DataError)
@@ -235,4 +268,5 @@ class CausalLMOptions(TextOptions):
                 "Face causal-LM folder)"
             )
         check_model_dir(self.model)
+        object.__setattr__(self, "model", absolute_path(self.model))
         super().__post_init__()
