@@ -223,3 +223,121 @@ def test_new_run_over_another_runs_checkpoint_needs_overwrite(
     assert f"--resume {out}, or give --overwrite" in line
     assert main(prune_argv(cache, "--out", str(out), "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(OUT_FILES)
+
+
+# ------------------------------------------------------------ untrusted input
+@pytest.fixture
+def lm_folder(tmp_path):
+    """A tiny Llama (64 positions) saved as a Hugging Face folder, and its data."""
+    pytest.importorskip("transformers")
+    from test_llm import WORDS, tiny_llama, word_tokenizer, write_text
+
+    from icbs_opt.tasks.causal_lm import save_causal_lm
+
+    save_causal_lm(tiny_llama(vocab=len(WORDS) + 1), word_tokenizer(), tmp_path / "m")
+    write_text(tmp_path / "valid.txt", 400, seed=1)
+    write_text(tmp_path / "test.txt", 200, seed=2)
+    return tmp_path / "m"
+
+
+def lm_flags(folder):
+    data = folder.parent
+    return ["--calib-data", str(data / "valid.txt"), "--eval-data",
+            str(data / "test.txt"), "--pruning-windows", "8", "--calib-windows", "2",
+            "--batch-size", "2", "--eval-windows", "2", "--seq-len", "16"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_a_folder_that_names_its_own_code_is_refused(name, lm_folder, capsys):
+    path = lm_folder / name
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": "x.Tok"}}))
+    (lm_folder / "x.py").write_text("raise SystemExit('the folder ran its code')\n")
+    for argv in (["evaluate", "--model", str(lm_folder)],
+                 ["prune", "--model", str(lm_folder)]):  # fmt: skip
+        assert main([*argv, *lm_flags(lm_folder)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{str(path)!r} names code of its own (auto_map)" in line
+
+
+def test_every_load_refuses_remote_code(lm_folder, monkeypatch):
+    import transformers
+
+    from icbs_opt.tasks.causal_lm import load_causal_lm
+
+    calls = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer,
+                transformers.AutoModelForCausalLM):  # fmt: skip
+        real = cls.from_pretrained
+
+        def spy(*args, _real=real, **kwargs):
+            calls.append(kwargs.get("trust_remote_code"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    load_causal_lm(lm_folder)
+    assert len(calls) >= 3 and set(calls) == {False}
+
+
+def test_seq_len_beyond_the_models_positions(lm_folder, capsys):
+    argv = ["evaluate", "--model", str(lm_folder), *lm_flags(lm_folder)]
+    assert main([*argv, "--seq-len", "100000"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--seq-len must be at most the 64 positions of the model in" in line
+    assert line.endswith("got 100000")
+    assert main([*argv, "--seq-len", "64"]) == 0
+
+
+def test_seq_len_beyond_the_memory_is_refused(lm_folder, capsys, monkeypatch):
+    from icbs_opt.tasks import causal_lm
+
+    monkeypatch.setattr(causal_lm, "available_memory", lambda: 2**20)
+    argv = ["evaluate", "--model", str(lm_folder), *lm_flags(lm_folder)]
+    assert main([*argv, "--seq-len", "64", "--eval-batch-size", "64"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--seq-len 64 with --eval-batch-size 64 needs about" in line
+    assert "more than the 0.0 GiB available" in line
+
+
+def test_the_gguf_bar_follows_the_progress_switch(monkeypatch):
+    pytest.importorskip("transformers")
+    from transformers import modeling_gguf_pytorch_utils as gguf
+    from transformers.utils import logging as hf_logging
+
+    from icbs_opt.tasks.causal_lm import _gguf_bar_follows_transformers
+
+    drawn = gguf.tqdm
+    monkeypatch.setattr(hf_logging, "_tqdm_active", False)  # --no-progress
+    with _gguf_bar_follows_transformers():
+        assert gguf.tqdm is hf_logging.tqdm  # off with the switch
+        assert list(gguf.tqdm(range(3), desc="x")) == [0, 1, 2]
+    assert gguf.tqdm is drawn
+    monkeypatch.setattr(hf_logging, "_tqdm_active", True)
+    with _gguf_bar_follows_transformers():
+        assert gguf.tqdm is drawn
+
+
+def test_evaluate_a_folder_reads_only_what_it_needs(cache, tmp_path, capsys,
+                                                    monkeypatch):  # fmt: skip
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    assert main(prune_argv(cache, "--out", str(out), "--json", "-")) == 0
+    final = json.loads(capsys.readouterr().out)["final"]
+    config = json.loads((out / "prune_config.json").read_text())
+    config["task_options"].update(cache_dir=str(elsewhere), retrain=True)
+    (out / "prune_config.json").write_text(json.dumps(config))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def train(*args, **kwargs):
+        raise AssertionError("evaluate trained a model")
+
+    monkeypatch.setattr(digits_task, "train_digits_mlp", train)
+    assert main(["evaluate", "--model", str(out), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == final["metric"]
+    assert not elsewhere.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_evaluate_checks_its_json_before_evaluating(capsys, monkeypatch):
+    no_model(monkeypatch)
+    assert main(["evaluate", "--task", "digits-mlp", "--json", "/proc/x/e.json"]) == 2
+    assert "cannot write '/proc/x/e.json'" in one_error_line(capsys.readouterr().err)

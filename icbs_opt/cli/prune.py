@@ -172,11 +172,12 @@ class PrunePlan:
 def _plan(args: argparse.Namespace) -> PrunePlan:
     """The run's plan; every setting and output path checked, all cheap."""
     given = {key: getattr(args, key) for key in (*FOLDER_OUTPUTS, "json", "plot")}
-    outputs = {k: _absolute(v) for k, v in given.items() if v is not None}
+    outputs = {k: v for k, v in given.items() if v is not None}
     saved = RunRecord.read_checkpoint(args.resume) if args.resume else None
     if saved is not None:
         outputs = {**saved.outputs, **outputs}
-    _check_outputs(outputs)
+    _check_outputs(outputs)  # messages show the paths as typed
+    outputs = {k: _absolute(v) for k, v in outputs.items()}
     stale = _stale_checkpoints(outputs, args)
     spec = task_spec(_task_name(args, saved))
     preset = (saved.preset if saved else spec.preset).replace(**given_settings(args))
@@ -192,7 +193,7 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
         options,
         preset,
         _backend(args, saved),
-        _layers(args.layers) if args.layers else layers,
+        _layers(args.layers) if args.layers is not None else layers,
         outputs,
         progress=not args.no_progress,
         checkpoint=_checkpoint_path(outputs, preset),

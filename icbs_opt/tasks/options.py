@@ -9,12 +9,13 @@ well under a second instead of after a model load. Each field is a
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from icbs_opt.checks import check_float, check_int
+from icbs_opt.checks import check_float, check_int, is_integer
 from icbs_opt.errors import DataError
 from icbs_opt.settings import (
     PAPER_CLASSIFIER_SETTINGS,
@@ -80,6 +81,10 @@ def _absolute_corpora(text: Any) -> Any:
         absolute_path(p) if p and Path(p).suffix in CORPUS_SUFFIXES else p
         for p in parts
     )
+
+
+#: The files of a model folder that may name code of its own (``auto_map``).
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 def check_device(device: Any) -> str:
@@ -250,7 +255,46 @@ def check_model_dir(path: str | os.PathLike, *, hugging_face: bool = True) -> Pa
         raise DataError(
             f"{str(path)!r} is not a Hugging Face model directory (no config.json)"
         )
+    for name in REMOTE_CODE_FILES:
+        if "auto_map" in read_json_object(folder / name):
+            raise DataError(
+                f"{str(folder / name)!r} names code of its own (auto_map); icbs-opt "
+                "never runs code from a model folder: use a model transformers knows"
+            )
     return folder
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` if it is missing, unreadable or not one.
+
+    For a look at a model folder's files before a loader reads them (which then
+    says what is wrong with a bad one).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_positions(seq_len: int, config: dict[str, Any], source: str) -> None:
+    """Refuse windows longer than a model's positions.
+
+    Args:
+        seq_len: Tokens per window.
+        config: The model's config (``max_position_embeddings``; GPT-2's
+            ``n_positions``); without either nothing is checked.
+        source: The model, named in the message.
+
+    Raises:
+        DataError: If ``seq_len`` exceeds the model's positions.
+    """
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if is_integer(positions) and seq_len > positions:
+        raise DataError(
+            f"seq_len must be at most the {positions} positions of {source} "
+            f"(max_position_embeddings), got {seq_len}"
+        )
 
 
 @dataclass(frozen=True)
@@ -267,6 +311,8 @@ class CausalLMOptions(TextOptions):
                 "task 'causal-lm' needs a model: pass --model DIR (a local Hugging "
                 "Face causal-LM folder)"
             )
-        check_model_dir(self.model)
+        folder = check_model_dir(self.model)
         object.__setattr__(self, "model", absolute_path(self.model))
         super().__post_init__()
+        config = read_json_object(folder / "config.json")
+        check_positions(self.seq_len, config, f"the model in {str(folder)!r}")
