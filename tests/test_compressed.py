@@ -156,7 +156,7 @@ def test_cli_refuses_compressed_without_the_package(monkeypatch, capsys):
     argv = ["prune", "--task", "smollm2-135m", "--save-format", "compressed"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("icbs-opt: error: save_format 'compressed' needs")
+    assert err.startswith("icbs-opt: error: --save-format 'compressed' needs")
     assert err.count("\n") == 1, err
 
 

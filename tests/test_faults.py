@@ -48,6 +48,14 @@ def no_model(monkeypatch):
     monkeypatch.setattr(digits_task, "load_or_train_digits_mlp", load)
 
 
+def status_of(argv):
+    """The exit status of the command line, the parser's own exits included."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def one_error_line(err):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("icbs-opt: error: "), err
@@ -341,3 +349,80 @@ def test_evaluate_checks_its_json_before_evaluating(capsys, monkeypatch):
     no_model(monkeypatch)
     assert main(["evaluate", "--task", "digits-mlp", "--json", "/proc/x/e.json"]) == 2
     assert "cannot write '/proc/x/e.json'" in one_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- rough edges
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "--density", "abc"], "argument --density: invalid float value"),
+        (["prune", "--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
+        (["prune", "--block-size", "0"], "--block-size must be an integer >= 2, got 0"),
+        (["prune", "--keep-best"], "--keep-best needs --eval-every > 0"),
+        (["prune", "--layers", ""], "--layers must be comma-separated module names"),
+        (["prune", "--plot", "-"], "--plot needs a file name: standard output"),
+        (["prune", "--plot", "curve.xyz"], "the extension gives the format; use one"),
+        (["prune", "--nope"], "unrecognized arguments: --nope"),
+        (["prune", "--task", "smollm2-135m", "--data-dir", "/nowhere"],
+         "'/nowhere' (--data-dir) does not exist; the named corpora are looked for"),
+    ],
+)  # fmt: skip
+def test_rough_input_is_one_line(argv, message, capsys, monkeypatch):
+    no_model(monkeypatch)
+    assert status_of(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "usage:" not in err, err
+
+
+def test_messages_show_values_not_reprs():
+    import numpy as np
+    import torch
+
+    from icbs_opt.cli.flags import cli_message
+
+    text = (f"seq_len {np.int64(5)!r} got {np.array([2, 2, 1])!r} and "
+            f"{torch.Size([3, 3])!r} or {np.float64(0.5)!r}\nsecond line")  # fmt: skip
+    shown = "--seq-len 5 got [2, 2, 1] and [3, 3] or 0.5; second line"
+    assert cli_message(text) == shown
+    assert cli_message("'/data/seq_len/x' is missing") == "'/data/seq_len/x' is missing"
+
+
+def test_weights_of_the_wrong_shape_are_one_line(cache, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    assert main(prune_argv(cache, "--out", str(tmp_path))) == 0
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["2.weight"] = torch.zeros(3, 3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "size mismatch for 2.weight: copying a param with shape [3, 3]" in line
+
+
+def test_no_tabu_notes_for_the_one_shot_method(cache, capsys, caplog):
+    assert main(prune_argv(cache, "--steps", "0", "--block-size", "1024")) == 0
+    assert "tabu" not in capsys.readouterr().err and "tabu" not in caplog.text
+    argv = prune_argv(cache, "--steps", "1", "--block-size", "1024")
+    assert main([*argv, "--backend", "native"]) == 0
+    assert "tabu switched off" in caplog.text  # where a step would use it
+
+
+def test_plot_follows_its_extension(cache, tmp_path):
+    plots = [tmp_path / "a.pdf", tmp_path / "b.svg", tmp_path / "c.png"]
+    for plot in plots:
+        assert main(prune_argv(cache, "--plot", str(plot), "--eval-every", "1")) == 0
+    assert plots[0].read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in plots[1].read_bytes()[:500]
+    assert plots[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_help_lists_no_pruning_only_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--retrain", "--val-fraction", "--val-windows", "--data-seed",
+                 "--save-dtype", "--save-format", "--steps", "--density"):  # fmt: skip
+        assert flag not in text
+    assert "--eval-data" in text and "--seq-len" in text

@@ -216,7 +216,7 @@ def test_validation_split_is_held_out_of_the_pruning_data(cache):
 
 def test_keep_best_needs_an_evaluation_period(capsys):
     assert main(["prune", "--keep-best", "--eval-every", "0"]) == 2
-    assert "keep_best needs eval_every > 0" in capsys.readouterr().err
+    assert "--keep-best needs --eval-every > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

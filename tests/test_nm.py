@@ -406,9 +406,9 @@ def test_cli_resumes_a_checkpoint_written_before_patterns(cache, tmp_path):
         (["--pattern", "2:4", "--density", "0.1"], "density 0.1 disagrees with "
          "pattern '2:4'"),
         (["--pattern", "3"], "pattern must be 'unstructured' or 'N:M'"),
-        (["--pattern", "2:4", "--block-size", "10"], "block_size must be a "
+        (["--pattern", "2:4", "--block-size", "10"], "--block-size must be a "
          "multiple of M = 4"),
-        (["--pattern", "2:4", "--k", "3"], "k must be block_size * (M - N) / M"),
+        (["--pattern", "2:4", "--k", "3"], "--k must be --block-size * (M - N) / M"),
     ],
 )  # fmt: skip
 def test_cli_pattern_errors(extra, message, capsys):

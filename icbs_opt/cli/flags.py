@@ -71,8 +71,10 @@ def _setting_names() -> list[str]:
     return sorted(names, key=len, reverse=True)
 
 
-#: Numpy's reprs in messages (``np.int64(5)``, ``array([2, 2, 1])``) -> the value.
-_NUMPY_REPRS = (
+#: Reprs of numpy and torch in messages (``np.int64(5)``, ``array([2, 2, 1])``,
+#: ``torch.Size([3, 3])``) -> the value.
+_REPRS = (
+    (re.compile(r"\btorch\.Size\((\[[^()]*\])\)"), r"\1"),
     (re.compile(r"\bnp\.[a-z_]+\d*_?\(([^()]*)\)"), r"\1"),
     (re.compile(r"\barray\((\[[^()]*\])(?:, dtype=\w+)?\)"), r"\1"),
     (re.compile(r"\bnp\.(True|False)_"), r"\1"),
@@ -92,8 +94,11 @@ def cli_message(text: str) -> str:
         >>> cli_message("k must be block_size * (M - N) / M")
         '--k must be --block-size * (M - N) / M'
     """
-    text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
-    for pattern, value in _NUMPY_REPRS:
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    text = lines[0]
+    for line in lines[1:]:  # "...for Sequential:" and its list: one sentence
+        text += f" {line}" if text.endswith(":") else f"; {line}"
+    for pattern, value in _REPRS:
         text = pattern.sub(value, text)
     for name in _setting_names():
         if "_" in name:

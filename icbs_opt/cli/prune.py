@@ -11,30 +11,28 @@ the model loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from icbs_opt.atomic import atomic_path
 from icbs_opt.backends import Backend, get_backend
 from icbs_opt.cli.common import (
     EXIT_WRITE_FAILED,
     Interrupts,
     add_backend_option_flag,
     add_json_flag,
-    check_output,
     hide_loading_bars,
     os_reason,
     parse_key_values,
     progress_bar,
     write_each,
     write_errors,
-    write_json,
 )
 from icbs_opt.cli.flags import (
     add_setting_flags,
@@ -45,10 +43,16 @@ from icbs_opt.cli.flags import (
     given_task_options,
     zero_shot_tasks,
 )
+from icbs_opt.cli.outputs import (
+    FOLDER_OUTPUTS,
+    absolute,
+    check_outputs,
+    stale_checkpoints,
+    summary_writes,
+    write_outputs,
+)
 from icbs_opt.cli.report import (
-    check_plot_path,
     per_corpus,
-    plot_history,
     print_prune_table,
     print_stop,
 )
@@ -56,8 +60,6 @@ from icbs_opt.errors import DataError, PruningError
 from icbs_opt.executors import executor_address
 from icbs_opt.record import (
     CHECKPOINT_FILE,
-    CONFIG_FILE,
-    RESULTS_FILE,
     RESUME_MAY_CHANGE,
     RunRecord,
     checkpoint_file,
@@ -66,12 +68,6 @@ from icbs_opt.settings import Preset
 from icbs_opt.tasks import TaskSpec, task_names, task_spec
 from icbs_opt.zeroshot import format_zero_shot
 
-#: The masks file of an ``--out`` folder.
-MASKS_FILE = "masks.safetensors"
-#: Outputs that are folders.
-FOLDER_OUTPUTS = ("out", "harvest", "checkpoint")
-#: A non-empty --out or --checkpoint folder must hold one of these (icbs-opt's).
-_OURS = (CONFIG_FILE, CHECKPOINT_FILE)
 #: Said on stderr after a first SIGINT or SIGTERM.
 _NOTICE = (
     "stopping after the current step to write the results (Ctrl-C again "
@@ -176,9 +172,9 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
     saved = RunRecord.read_checkpoint(args.resume) if args.resume else None
     if saved is not None:
         outputs = {**saved.outputs, **outputs}
-    _check_outputs(outputs)  # messages show the paths as typed
-    outputs = {k: _absolute(v) for k, v in outputs.items()}
-    stale = _stale_checkpoints(outputs, args)
+    check_outputs(outputs)  # messages show the paths as typed
+    outputs = {k: absolute(v) for k, v in outputs.items()}
+    stale = stale_checkpoints(outputs, args.resume, args.overwrite)
     spec = task_spec(_task_name(args, saved))
     preset = (saved.preset if saved else spec.preset).replace(**given_settings(args))
     executor_address(preset.config.executor)  # a bad --executor fails now
@@ -206,36 +202,6 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
     if saved is not None:
         _refuse_changes(saved, plan.record)
     return plan
-
-
-def _absolute(path: str) -> str:
-    """``path`` made absolute (``-``, standard output, as it is)."""
-    return path if path == "-" else os.path.abspath(path)
-
-
-def _stale_checkpoints(outputs: dict[str, str], args: argparse.Namespace) -> list[str]:
-    """The checkpoints of other runs in the ``--out`` and ``--checkpoint`` folders.
-
-    Raises:
-        DataError: For such a checkpoint without ``--overwrite``: a new run there
-            would leave it behind, and a later ``--resume`` would continue it.
-    """
-    resumed = checkpoint_file(args.resume) if args.resume else None
-    stale = []
-    for key in ("out", "checkpoint"):
-        file = os.path.join(outputs.get(key, ""), CHECKPOINT_FILE)
-        if key not in outputs or not os.path.isfile(file):
-            continue
-        if resumed is not None and os.path.samefile(file, resumed):
-            continue
-        if not args.overwrite:
-            raise DataError(
-                f"{flag_of(key)} {outputs[key]!r} holds the checkpoint of another "
-                f"run: continue it with --resume {outputs[key]}, or give "
-                "--overwrite to start a new run there"
-            )
-        stale.append(file)
-    return stale
 
 
 def _task_name(args: argparse.Namespace, saved: RunRecord | None) -> str:
@@ -278,28 +244,6 @@ def _checkpoint_path(outputs: dict[str, str], preset: Preset) -> str | None:
     if preset.run.checkpoint_every:
         raise PruningError("--checkpoint-every needs --out or --checkpoint DIR")
     return None
-
-
-def _check_outputs(outputs: dict[str, str]) -> None:
-    """Fail now, not after the run, on an output that cannot or must not be written.
-
-    A folder that already holds files must be one icbs-opt wrote: it has a
-    ``prune_config.json`` or a checkpoint. ``--plot`` needs matplotlib and a
-    file name whose extension it can write.
-    """
-    for key, path in outputs.items():
-        check_output(path, folder=key in FOLDER_OUTPUTS)
-        folder = Path(path)
-        if key not in ("out", "checkpoint") or not folder.is_dir():
-            continue
-        ours = any((folder / name).exists() for name in _OURS)
-        if not ours and any(folder.iterdir()):
-            raise DataError(
-                f"output folder {path!r} holds files icbs-opt did not write (no "
-                f"{' or '.join(_OURS)}); give a new or empty folder"
-            )
-    if "plot" in outputs:
-        check_plot_path(outputs["plot"])
 
 
 def _refuse_changes(saved: RunRecord, given: RunRecord) -> None:
@@ -358,7 +302,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             summary = _finish(plan, task, pruner, result, start, interrupts.received)
             if plan.outputs.get("json") != "-":  # stdout is the JSON's alone
                 print_prune_table(summary)
-            failed = _write_outputs(plan, task, pruner, summary, result)
+            failed = write_outputs(plan, task, pruner, summary, result)
     finally:
         pruner.close()
     if result.stopped:
@@ -369,7 +313,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         )
         if plan.outputs.get("json") != "-":
             print("\n".join(format_zero_shot(summary["zero_shot"])))
-        writes = _summary_writes(plan, summary, result)
+        writes = summary_writes(plan, summary, result)
         failed += write_each([w for w in writes if w is not None])
     return EXIT_WRITE_FAILED if failed else interrupts.exit_status
 
@@ -392,17 +336,18 @@ def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
     }
     harvest = plan.outputs.get("harvest")
     t = time.perf_counter()
-    pruner = Pruner(
-        task.model,
-        task.loss_fn,
-        backend=plan.backend,
-        layers=layers,
-        calibration=task.calibration,
-        problem_hook=Harvester(harvest, task.name, plan.harvest_format)
-        if harvest
-        else None,
-        config=plan.preset.config,
-    )
+    with _no_tabu_notes(plan.preset.run.steps == 0):
+        pruner = Pruner(
+            task.model,
+            task.loss_fn,
+            backend=plan.backend,
+            layers=layers,
+            calibration=task.calibration,
+            problem_hook=Harvester(harvest, task.name, plan.harvest_format)
+            if harvest
+            else None,
+            config=plan.preset.config,
+        )
     start = {"layers": layers, "dense": dense, "init_seconds": time.perf_counter() - t,
              "init_density": nonzero_density(task.model, layers)}  # fmt: skip
     if plan.resume is None:
@@ -410,6 +355,19 @@ def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
     saved = load_checkpoint(plan.resume)
     pruner.load_state_dict(saved.state)
     return pruner, start, saved.result
+
+
+@contextlib.contextmanager
+def _no_tabu_notes(quiet: bool) -> Iterator[None]:
+    """Drop the notes on tabu lists while ``quiet`` (``--steps 0`` uses none)."""
+    log = logging.getLogger("icbs_opt.pruning.state")
+    drop = lambda record: "tabu" not in str(record.msg)  # noqa: E731
+    if quiet:
+        log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _prune(plan: PrunePlan, task: Any, pruner: Any, stop: Callable, resume: Any) -> Any:
@@ -526,61 +484,3 @@ def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
         return scores
 
     return on_pass, evaluate
-
-
-# -------------------------------------------------------------------- write
-Write = tuple[str, Callable[[], Any]]
-
-
-def _write_outputs(
-    plan: PrunePlan, task: Any, pruner: Any, summary: dict[str, Any], result: Any
-) -> list[str]:
-    """The summary JSON, the plot, and each file of the ``--out`` folder.
-
-    Each is written on its own: one that fails (a full disk) is said on stderr
-    in one line naming it, and the others are still written.
-
-    Returns:
-        The paths that could not be written.
-    """
-    json_write, results_write = _summary_writes(plan, summary, result)
-    later = plan.zero_shot and not result.stopped  # the summary grows after this
-    writes = [json_write] if json_write and not (later and json_write[0] == "-") else []
-    if "plot" in plan.outputs:
-        plot = plan.outputs["plot"]
-        writes.append((plot, lambda: plot_history(summary, plot)))
-    out = plan.outputs.get("out")
-    if out is not None:
-        writes += [
-            (os.path.join(out, MASKS_FILE), lambda: _write_masks(out, pruner)),
-            (out, lambda: task.save_model(task.model, out)),
-            (os.path.join(out, CONFIG_FILE), lambda: plan.record.write_config(
-                out, layers=summary["layers"], task_info=task.info)),
-            results_write,
-        ]  # fmt: skip
-    return write_each(writes)
-
-
-def _write_masks(out: str, pruner: Any) -> None:
-    from safetensors.torch import save_file
-
-    masks = {name: m.cpu().contiguous() for name, m in pruner.masks().items()}
-    with atomic_path(os.path.join(out, MASKS_FILE)) as tmp:
-        meta = {"convention": "True = kept: weight == original weight * mask"}
-        save_file(masks, tmp, metadata=meta)
-
-
-def _summary_writes(
-    plan: PrunePlan, summary: dict[str, Any], result: Any
-) -> tuple[Write | None, Write | None]:
-    """The writes of ``--json`` and of the ``--out`` folder's ``results.json``."""
-    json_write = results_write = None
-    if "json" in plan.outputs:
-        path = plan.outputs["json"]
-        json_write = (path, lambda: write_json(path, summary))
-    if "out" in plan.outputs:
-        out = plan.outputs["out"]
-        steps = [r.to_dict() for r in result.records]
-        results = os.path.join(out, RESULTS_FILE)
-        results_write = (results, lambda: RunRecord.write_results(out, summary, steps))
-    return json_write, results_write

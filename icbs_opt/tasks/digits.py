@@ -330,10 +330,7 @@ def load_saved_digits_mlp(directory: Path, options: DigitsOptions) -> Task:
     try:
         model.load_state_dict(load_file(str(path)))
     except Exception as exc:  # safetensors and torch raise several types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise DataError(
-            f"cannot load a digits MLP from {str(path)!r}: {reason}"
-        ) from exc
+        raise DataError(f"cannot load a digits MLP from {str(path)!r}: {exc}") from exc
     cache = _digits_cache_file(_cache_dir(options))
     cached = _read_cache(cache, "reading the digits from scikit-learn")
     data = cached[1] if cached is not None else digits_data()
