@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import stat
+import sys
 
 import pytest
 
@@ -426,3 +427,27 @@ def test_evaluate_help_lists_no_pruning_only_options(capsys):
                  "--save-dtype", "--save-format", "--steps", "--density"):  # fmt: skip
         assert flag not in text
     assert "--eval-data" in text and "--seq-len" in text
+
+
+# ----------------------------------------------------------------- the runner
+def test_the_fast_fault_cases_print_no_traceback(cache, tmp_path, monkeypatch):
+    import importlib.util
+
+    from conftest import REPO
+
+    path = REPO / "benchmarks" / "faults.py"
+    spec = importlib.util.spec_from_file_location("faults_runner", path)
+    runner = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, runner)  # for its dataclasses
+    spec.loader.exec_module(runner)
+    fixtures = runner.make_fixtures(tmp_path, cache)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    selected = [c for c in runner.cases(fixtures, None) if c.fast]
+    try:
+        outcomes = runner.run_cases(selected)
+    finally:
+        fixtures["ro"].chmod(0o700)
+    failed = [f"{o.case.name}: {o.failure}" for o in outcomes if o.failure]
+    assert len(outcomes) >= 50 and failed == []
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing written to '.'

@@ -176,6 +176,9 @@ def check_output(
     """
     if path == "-" and not folder:
         return
+    if not path.strip() or path == "-":
+        what = "folder needs a name" if folder else "file needs a name or '-'"
+        raise DataError(f"an output {what}, got {path!r}")
     target = Path(path)
     if target.is_symlink():
         raise DataError(f"output {path!r} is a symbolic link; give another path")

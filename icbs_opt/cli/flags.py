@@ -84,9 +84,10 @@ _REPRS = (
 def cli_message(text: str) -> str:
     """An error message as the command line shows it: one line, flags, no numpy.
 
-    A setting's field name becomes its flag: every name with an underscore,
-    and a one-word name that starts the message before ``must``, ``needs`` or
-    ``is required``. Lines are joined with ``; ``.
+    A setting's field name becomes its flag: every name with an underscore, a
+    one-word name that starts the message before ``must``, ``needs`` or ``is
+    required``, and each name of a list after ``options:``. Lines are joined
+    with ``; ``.
 
     Example:
         >>> cli_message("block_size must be an integer >= 2, got np.int64(1)")
@@ -100,7 +101,15 @@ def cli_message(text: str) -> str:
         text += f" {line}" if text.endswith(":") else f"; {line}"
     for pattern, value in _REPRS:
         text = pattern.sub(value, text)
-    for name in _setting_names():
+    names = _setting_names()
+    text = re.sub(  # a list of options: "its options: cache_dir, device"
+        r"(options: )([\w, ]+)",
+        lambda m: (
+            m[1] + ", ".join(flag_of(n) if n in names else n for n in m[2].split(", "))
+        ),  # fmt: skip
+        text,
+    )
+    for name in names:
         if "_" in name:
             text = re.sub(rf"(?<![\w/.'\"-]){name}(?![\w/'\"-])", flag_of(name), text)
         elif re.match(rf"{name} (must|needs|is required)\b", text):

@@ -169,7 +169,7 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
     """The run's plan; every setting and output path checked, all cheap."""
     given = {key: getattr(args, key) for key in (*FOLDER_OUTPUTS, "json", "plot")}
     outputs = {k: v for k, v in given.items() if v is not None}
-    saved = RunRecord.read_checkpoint(args.resume) if args.resume else None
+    saved = RunRecord.read_checkpoint(args.resume) if args.resume is not None else None
     if saved is not None:
         outputs = {**saved.outputs, **outputs}
     check_outputs(outputs)  # messages show the paths as typed
@@ -207,7 +207,9 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
 def _task_name(args: argparse.Namespace, saved: RunRecord | None) -> str:
     """The task resumed, given, or the default (causal-lm with --model)."""
     if saved is None:
-        return args.task or ("causal-lm" if args.task_model else "digits-mlp")
+        if args.task is not None:
+            return args.task
+        return "causal-lm" if args.task_model is not None else "digits-mlp"
     if args.task not in (None, saved.task):
         raise _refusal("task", saved.task, args.task)
     return saved.task
@@ -215,7 +217,9 @@ def _task_name(args: argparse.Namespace, saved: RunRecord | None) -> str:
 
 def _backend(args: argparse.Namespace, saved: RunRecord | None) -> Backend:
     """The backend given, or the one resumed with its options."""
-    name = args.backend or (saved.backend if saved else "native")
+    name = args.backend
+    if name is None:
+        name = saved.backend if saved else "native"
     options = saved.backend_options if saved and name == saved.backend else {}
     if args.backend_option:
         options = parse_key_values(args.backend_option, "--backend-option")

@@ -60,16 +60,23 @@ CAUSAL_LM_PRESET = Preset(
 )
 
 
-def absolute_path(path: Any) -> Any:
+def absolute_path(path: Any, name: str) -> Any:
     """A path option made absolute, so a run resumed elsewhere reads the same files.
 
     None (the default) and anything but a string or path stay as they are.
 
     Example:
-        >>> absolute_path("/data/c4.jsonl"), absolute_path(None)
+        >>> absolute_path("/data/c4.jsonl", "calib_data"), absolute_path(None, "x")
         ('/data/c4.jsonl', None)
+
+    Raises:
+        DataError: For an empty path (which would mean the current folder).
     """
-    return os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    if not os.fspath(path).strip():
+        raise DataError(f"{name} must be a path, got {path!r}")
+    return os.path.abspath(path)
 
 
 def _absolute_corpora(text: Any) -> Any:
@@ -78,7 +85,7 @@ def _absolute_corpora(text: Any) -> Any:
         return text
     parts = [p.strip() for p in text.split(",")]
     return ",".join(
-        absolute_path(p) if p and Path(p).suffix in CORPUS_SUFFIXES else p
+        absolute_path(p, "corpus") if p and Path(p).suffix in CORPUS_SUFFIXES else p
         for p in parts
     )
 
@@ -129,7 +136,8 @@ class DigitsOptions:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cache_dir", absolute_path(self.cache_dir))
+        cache_dir = absolute_path(self.cache_dir, "cache_dir")
+        object.__setattr__(self, "cache_dir", cache_dir)
         check_int(self.batch_size, "batch_size", minimum=1, error=DataError)
         fraction = check_float(
             self.val_fraction, "val_fraction", minimum=0, below=1, error=DataError
@@ -194,7 +202,7 @@ class TextOptions:
     def __post_init__(self) -> None:
         from icbs_opt.tasks.compressed import check_save_dtype, resolve_save_format
 
-        object.__setattr__(self, "data_dir", absolute_path(self.data_dir))
+        object.__setattr__(self, "data_dir", absolute_path(self.data_dir, "data_dir"))
         for name in ("calib_data", "eval_data"):
             object.__setattr__(self, name, _absolute_corpora(getattr(self, name)))
         check_save_dtype(self.save_dtype)
@@ -249,7 +257,7 @@ def check_model_dir(path: str | os.PathLike, *, hugging_face: bool = True) -> Pa
         DataError: If it is not a folder, or not a Hugging Face model folder.
     """
     folder = Path(path)
-    if not folder.is_dir():
+    if not str(path).strip() or not folder.is_dir():
         raise DataError(f"model directory {str(path)!r} does not exist")
     if hugging_face and not (folder / "config.json").is_file():
         raise DataError(
@@ -312,7 +320,7 @@ class CausalLMOptions(TextOptions):
                 "Face causal-LM folder)"
             )
         folder = check_model_dir(self.model)
-        object.__setattr__(self, "model", absolute_path(self.model))
+        object.__setattr__(self, "model", absolute_path(self.model, "model"))
         super().__post_init__()
         config = read_json_object(folder / "config.json")
         check_positions(self.seq_len, config, f"the model in {str(folder)!r}")
