@@ -451,3 +451,17 @@ def test_the_fast_fault_cases_print_no_traceback(cache, tmp_path, monkeypatch):
     failed = [f"{o.case.name}: {o.failure}" for o in outcomes if o.failure]
     assert len(outcomes) >= 50 and failed == []
     assert list((tmp_path / "cwd").iterdir()) == []  # nothing written to '.'
+
+
+def test_the_progress_bar_shows_the_layer():
+    from types import SimpleNamespace
+
+    from icbs_opt.cli import prune as cli_prune
+
+    shown = {}
+    bar = SimpleNamespace(set_postfix=lambda refresh=True, **kw: shown.update(kw),
+                          update=lambda: None)  # fmt: skip
+    on_pass, _ = cli_prune._progress_callbacks(bar, None)
+    blocks = [SimpleNamespace(layer="2"), SimpleNamespace(layer="4")]
+    on_pass(SimpleNamespace(blocks=blocks, accepted=1))
+    assert shown == {"layer": "4", "blocks": 2, "accepted": 1}

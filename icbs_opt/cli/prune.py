@@ -476,6 +476,8 @@ def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
     shown: dict[str, Any] = {"blocks": 0, "accepted": 0}
 
     def on_pass(record: Any) -> None:
+        if record.blocks:  # a pass feeds blocks of several layers: the last one
+            shown["layer"] = record.blocks[-1].layer
         shown["blocks"] += len(record.blocks)
         shown["accepted"] += record.accepted
         bar.set_postfix(**shown, refresh=False)
