@@ -22,6 +22,9 @@ OUT_FILES = ("masks.safetensors", "model.safetensors", "prune_config.json",
              "results.json")  # fmt: skip
 
 
+NO_SPACE = os.strerror(errno.ENOSPC)
+
+
 def prune_argv(cache, *extra):
     """A one-second digits run."""
     return ["prune", "--cache-dir", str(cache), "--backend", "exhaustive",
@@ -465,3 +468,29 @@ def test_the_progress_bar_shows_the_layer():
     blocks = [SimpleNamespace(layer="2"), SimpleNamespace(layer="4")]
     on_pass(SimpleNamespace(blocks=blocks, accepted=1))
     assert shown == {"layer": "4", "blocks": 2, "accepted": 1}
+
+
+def test_a_stopped_run_says_what_it_could_not_write(cache, tmp_path, capsys,
+                                                    monkeypatch):  # fmt: skip
+    full_disk(monkeypatch, "s.json")
+    out, summary = tmp_path / "run", tmp_path / "s.json"
+    argv = prune_argv(cache, "--steps", "3", "--time-budget", "1e-9")
+    assert main([*argv, "--out", str(out), "--json", str(summary)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[0] == f"icbs-opt: error: cannot write '{summary}': No space left on device"
+    )
+    assert err[1] == "icbs-opt: stopped by --time-budget after step 1 of 3"
+    assert err[2] == f"icbs-opt: wrote out {out}"  # not the JSON
+    assert (out / "checkpoint.safetensors").is_file() and not summary.exists()
+
+
+def test_evaluate_names_the_json_it_could_not_write(cache, tmp_path, capsys,
+                                                    monkeypatch):  # fmt: skip
+    full_disk(monkeypatch, "e.json")
+    argv = ["evaluate", "--task", "digits-mlp", "--cache-dir", str(cache)]
+    assert main([*argv, "--json", str(tmp_path / "e.json")]) == 2
+    captured = capsys.readouterr()
+    assert "digits-mlp: accuracy" in captured.out  # the result is shown anyway
+    line = one_error_line(captured.err)
+    assert line.endswith("e.json': No space left on device")
