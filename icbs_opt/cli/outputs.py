@@ -97,6 +97,7 @@ def check_outputs(outputs: dict[str, str]) -> None:
         check_plot_path(outputs["plot"])
 
 
+#: One output's write: the path a failure names, and the function that writes it.
 Write = tuple[str, Callable[[], Any]]
 
 
