@@ -274,4 +274,4 @@ def test_unwritable_out_fails_fast(tmp_path, capsys):
 
 def test_val_fraction_is_checked_before_loading(capsys):
     assert main(["prune", "--val-fraction", "1.5"]) == 2
-    assert "val_fraction" in capsys.readouterr().err
+    assert "--val-fraction must be" in capsys.readouterr().err
