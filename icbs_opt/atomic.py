@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import IO, Any
 
 from icbs_opt.errors import DataError
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "is_device"]
 
 
 def _read_umask() -> int:
@@ -39,6 +40,18 @@ def _file_mode(path: str) -> int:
     return 0o666 & ~_UMASK
 
 
+def is_device(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a character device or a pipe (``/dev/null``, a FIFO).
+
+    Such a target is written in place: it cannot be replaced by a rename.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
 def _refuse_symlink(path: str) -> None:
     if os.path.islink(path):
         raise DataError(f"output {path!r} is a symbolic link; give another path")
@@ -51,10 +64,12 @@ def atomic_path(path: str) -> Iterator[str]:
     For writers that want a file name (``numpy.savez``, ``savefig``,
     safetensors ``save_file``). The temporary file is fsynced before the rename;
     on any exception it is removed and the previous ``path`` is left intact.
-    Missing parent folders are created.
+    Missing parent folders are created. A device or pipe (``/dev/null``) is
+    written in place (:func:`is_device`).
 
     Raises:
         DataError: If ``path`` is a symbolic link (never followed or replaced).
+        OSError: If the write fails (a full disk); its ``filename`` is ``path``.
 
     Example:
         >>> import tempfile, pathlib
@@ -65,21 +80,28 @@ def atomic_path(path: str) -> Iterator[str]:
         'hi'
     """
     _refuse_symlink(path)
+    if is_device(path):
+        yield path
+        return
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     suffix = "".join(Path(path).suffixes[-1:])  # savez/savefig look at the suffix
     fd, tmp = tempfile.mkstemp(prefix=".icbs-tmp-", suffix=suffix, dir=parent)
     os.close(fd)
     try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp's 0600 would hide results
         yield tmp
         with open(tmp, "rb") as f:  # the writer may not have synced
             os.fsync(f.fileno())
+        # After the writer: mkstemp's 0600, or a writer's own new file (safetensors
+        # makes one), would hide the results from other users.
+        os.chmod(tmp, _file_mode(path))
         _refuse_symlink(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
         raise
 
 

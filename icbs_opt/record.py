@@ -58,7 +58,7 @@ CONFIG_FILE = "prune_config.json"
 #: The results file of an ``--out`` folder.
 RESULTS_FILE = "results.json"
 #: Settings a resumed run may change: they leave its results as they were.
-RESUME_MAY_CHANGE = ("time_budget", "checkpoint_every")
+RESUME_MAY_CHANGE = ("time_budget", "checkpoint_every", "executor", "workers")
 
 
 def checkpoint_file(path: str | os.PathLike) -> str:
@@ -74,9 +74,17 @@ def read_checkpoint_texts(path: str | os.PathLike) -> dict[str, str]:
         DataError: If there is no readable checkpoint at ``path``.
     """
     file = checkpoint_file(path)
+    if not os.path.isfile(file):
+        raise DataError(
+            f"cannot read the checkpoint {file!r}: no such file (give the folder "
+            f"holding {CHECKPOINT_FILE}, or the file)"
+        )
     try:
         with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{len(head)} bytes, shorter than a header")
+            (size,) = struct.unpack("<Q", head)
             if size > os.fstat(f.fileno()).st_size - 8:
                 raise ValueError(f"its header size {size} exceeds the file")
             texts = json.loads(f.read(size))["__metadata__"]
@@ -85,7 +93,9 @@ def read_checkpoint_texts(path: str | os.PathLike) -> dict[str, str]:
         return texts
     except (OSError, ValueError, KeyError, TypeError, AttributeError,
             struct.error) as exc:  # fmt: skip
-        raise DataError(f"cannot read the checkpoint {file!r}: {exc}") from exc
+        raise DataError(
+            f"cannot read the checkpoint {file!r}: not a checkpoint ({exc})"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -173,9 +183,14 @@ class RunRecord:
         """
         file = checkpoint_file(path)
         texts = read_checkpoint_texts(file)
+        if "settings" not in texts:
+            raise DataError(
+                f"cannot read the checkpoint {file!r}: not a checkpoint of a prune "
+                "run (no run settings in its header)"
+            )
         try:
             settings = json.loads(texts["settings"])
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             raise DataError(f"cannot read the checkpoint {file!r}: {exc}") from exc
         return cls.from_dict(settings, repr(file))
 

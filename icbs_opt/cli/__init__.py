@@ -14,22 +14,36 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from icbs_opt import __version__
 from icbs_opt.cli.common import (
+    EXIT_USER_ERROR,
     USER_ERRORS,
     Interrupts,
     Terminated,
     interrupt_status,
 )
 from icbs_opt.cli.evaluate import add_evaluate
+from icbs_opt.cli.flags import cli_message
 from icbs_opt.cli.prune import add_prune
 from icbs_opt.cli.solvers import add_backends, add_compare, add_solve
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage); exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit with 2."""
+        self.exit(
+            EXIT_USER_ERROR,
+            f"{self.prog}: error: {cli_message(message)} (see {self.prog} --help)\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``icbs-opt`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="icbs-opt",
         description="Prune neural networks with iCBS and compare block-QUBO solvers.",
     )
@@ -60,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Interrupts().installed():
             return args.func(args)
     except USER_ERRORS as exc:
-        print(f"icbs-opt: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"icbs-opt: error: {cli_message(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"icbs-opt: {what}", file=sys.stderr)

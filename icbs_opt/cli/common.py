@@ -8,13 +8,14 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from icbs_opt.atomic import atomic_path as atomic_path  # re-exported
-from icbs_opt.atomic import atomic_write_json, json_default
+from icbs_opt.atomic import atomic_write_json, is_device, json_default
 from icbs_opt.errors import (
     BackendError,
     BackendUnavailable,
@@ -34,6 +35,8 @@ USER_ERRORS = (
 )
 
 
+#: Exit status of bad input, and of an output that could not be written.
+EXIT_USER_ERROR = EXIT_WRITE_FAILED = 2
 #: Exit status after Ctrl-C (128 + SIGINT) and after SIGTERM (128 + SIGTERM).
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -151,8 +154,11 @@ def check_output(
 ) -> None:
     """Fail now, not after the run, if ``path`` cannot be written.
 
-    Fast and free of side effects: nothing is created. ``-`` (standard output)
-    is accepted for a file.
+    Fast, and nothing it makes stays: the missing folders on the way to ``path``
+    are created and a file is made in the deepest one (which proves it writable,
+    even as root on a read-only mount or in ``/proc``), then all are removed.
+    ``-`` (standard output) is accepted for a file, and so is a device or a pipe
+    (``/dev/null``), which is written in place.
 
     Args:
         path: The output file or folder.
@@ -162,13 +168,17 @@ def check_output(
 
     Raises:
         DataError: A symbolic link, a file where a folder is wanted or the other
-            way round, a file that is not ours, or no writable parent folder.
+            way round, a file that is not ours, or a folder that cannot be made
+            or written.
 
     Example:
         >>> check_output("-", folder=False)
     """
     if path == "-" and not folder:
         return
+    if not path.strip() or path == "-":
+        what = "folder needs a name" if folder else "file needs a name or '-'"
+        raise DataError(f"an output {what}, got {path!r}")
     target = Path(path)
     if target.is_symlink():
         raise DataError(f"output {path!r} is a symbolic link; give another path")
@@ -176,6 +186,8 @@ def check_output(
         raise DataError(f"output folder {path!r} is an existing file")
     if not folder and target.is_dir():
         raise DataError(f"output file {path!r} is a directory")
+    if not folder and is_device(target):
+        return
     if not folder and target.exists():
         if not target.is_file():
             raise DataError(f"output file {path!r} is not a regular file")
@@ -184,11 +196,70 @@ def check_output(
                 f"output file {path!r} exists and was not written by icbs-opt; "
                 "give another path or remove it"
             )
-    parent = target if folder and target.is_dir() else target.parent
+    home = target if folder else target.parent
+    parent = home
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise DataError(f"cannot write {path!r}: {str(parent)!r} is not writable")
+    _prove_writable(path, home)
+
+
+def _prove_writable(path: str, home: Path) -> None:
+    """Create ``home`` and a file in it, then remove what was created."""
+    made: list[Path] = []
+    try:
+        for part in reversed([home, *home.parents]):
+            if not part.exists():
+                part.mkdir()
+                made.append(part)
+        fd, probe = tempfile.mkstemp(prefix=".icbs-tmp-", dir=home)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        what = f"cannot create {str(exc.filename)!r}: " if exc.filename else ""
+        raise DataError(f"cannot write {path!r}: {what}{os_reason(exc)}") from None
+    finally:
+        for part in reversed(made):
+            with contextlib.suppress(OSError):
+                part.rmdir()
+
+
+def os_reason(exc: BaseException) -> str:
+    """The reason of a failed write in one line (``No space left on device``)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of a failed write: the OS's, ours and safetensors'."""
+    from safetensors import SafetensorError
+
+    return (OSError, DataError, SafetensorError)
+
+
+def write_each(writes: Sequence[tuple[str, Callable[[], Any]]]) -> list[str]:
+    """Do every ``(path, write)``; a failed one says so in one line naming its path.
+
+    A failure (a full disk, say) does not stop the writes after it. The path
+    named is the file that failed when the error knows it (a write of a folder's
+    files), else ``path``.
+
+    Returns:
+        The paths whose write failed.
+    """
+    failed = []
+    for path, write in writes:
+        try:
+            write()
+        except write_errors() as exc:
+            where = getattr(exc, "filename", None) or path
+            print(f"icbs-opt: error: cannot write {str(where)!r}: {os_reason(exc)}",
+                  file=sys.stderr)  # fmt: skip
+            failed.append(path)
+    return failed
 
 
 def add_json_flag(parser: argparse.ArgumentParser, what: str) -> None:

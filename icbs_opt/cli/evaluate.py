@@ -8,7 +8,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from icbs_opt.cli.common import add_json_flag, hide_loading_bars, write_json
+from icbs_opt.cli.common import (
+    EXIT_WRITE_FAILED,
+    add_json_flag,
+    check_output,
+    hide_loading_bars,
+    write_each,
+    write_json,
+)
 from icbs_opt.cli.flags import (
     REPLACED_OPTIONS,
     add_task_flags,
@@ -22,6 +29,14 @@ from icbs_opt.record import RunRecord
 from icbs_opt.tasks import TaskSpec, task_names, task_spec
 from icbs_opt.tasks.options import check_model_dir
 from icbs_opt.zeroshot import format_zero_shot
+
+#: Task options only a pruning run uses: no flags of ``evaluate``.
+PRUNING_ONLY = ("retrain", "val_fraction", "val_windows", "data_seed", "save_dtype",
+                "save_format")  # fmt: skip
+#: Saved task options ``evaluate --model DIR`` ignores: where the dense model is
+#: cached and whether to train it. A folder's prune_config.json must not make an
+#: evaluation train or write anything.
+NOT_FROM_FOLDER = ("cache_dir", "retrain")
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +56,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_json_flag(p, "the result")
     add_zero_shot_flags(p)
-    add_task_flags(p, exclude=("model", "save_dtype", "save_format"))
+    add_task_flags(p, exclude=("model", *PRUNING_ONLY))
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -62,7 +77,8 @@ def _evaluate_target(args: argparse.Namespace) -> tuple[TaskSpec, Any, Callable]
         options = spec.make_options(**{**given, "model": str(folder)})
         return spec, options, lambda: spec.build(options)
     spec = task_spec(record.task)
-    saved = {k: v for k, v in record.task_options.items() if k not in REPLACED_OPTIONS}
+    ignored = (*REPLACED_OPTIONS, *NOT_FROM_FOLDER)
+    saved = {k: v for k, v in record.task_options.items() if k not in ignored}
     if "model" in saved:  # the pruned model is the folder itself
         saved["model"] = str(folder)
     options = spec.make_options(**{**saved, **given})
@@ -76,6 +92,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         check_int(args.threads, "--threads", minimum=1, error=PruningError)
+    if args.json is not None:
+        check_output(args.json, folder=False)
     spec, options, load = _evaluate_target(args)
     zero_shot = zero_shot_tasks(args, spec, options)
     if args.no_progress or not sys.stderr.isatty():
@@ -103,10 +121,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         result["zero_shot"] = task.zero_shot(
             task.model, zero_shot, args.limit, progress=progress
         )
-    if args.json is not None:
-        write_json(args.json, result)
     if args.json != "-":
         _print_evaluation(result, scores)
+    if args.json is not None and write_each(
+        [(args.json, lambda: write_json(args.json, result))]
+    ):
+        return EXIT_WRITE_FAILED
     return 0
 
 

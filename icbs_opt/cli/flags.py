@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Any
 
 from icbs_opt.checks import check_int
@@ -62,6 +63,58 @@ def flag_of(name: str) -> str:
     f = _fields(_SETTINGS + _option_classes()).get(name)
     flag = f.metadata.get("flag") if f is not None else None
     return flag or "--" + name.replace("_", "-")
+
+
+def _setting_names() -> list[str]:
+    """Every setting and task option name, longest first (for replacing)."""
+    names = {*_fields(_SETTINGS + _option_classes()), *OTHER_FLAGS}
+    return sorted(names, key=len, reverse=True)
+
+
+#: Reprs of numpy and torch in messages (``np.int64(5)``, ``array([2, 2, 1])``,
+#: ``torch.Size([3, 3])``) -> the value.
+_REPRS = (
+    (re.compile(r"\btorch\.Size\((\[[^()]*\])\)"), r"\1"),
+    (re.compile(r"\bnp\.[a-z_]+\d*_?\(([^()]*)\)"), r"\1"),
+    (re.compile(r"\barray\((\[[^()]*\])(?:, dtype=\w+)?\)"), r"\1"),
+    (re.compile(r"\bnp\.(True|False)_"), r"\1"),
+)
+
+
+def cli_message(text: str) -> str:
+    """An error message as the command line shows it: one line, flags, no numpy.
+
+    A setting's field name becomes its flag: every name with an underscore, a
+    one-word name that starts the message before ``must``, ``needs`` or ``is
+    required``, and each name of a list after ``options:``. Lines are joined
+    with ``; ``.
+
+    Example:
+        >>> cli_message("block_size must be an integer >= 2, got np.int64(1)")
+        '--block-size must be an integer >= 2, got 1'
+        >>> cli_message("k must be block_size * (M - N) / M")
+        '--k must be --block-size * (M - N) / M'
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    text = lines[0]
+    for line in lines[1:]:  # "...for Sequential:" and its list: one sentence
+        text += f" {line}" if text.endswith(":") else f"; {line}"
+    for pattern, value in _REPRS:
+        text = pattern.sub(value, text)
+    names = _setting_names()
+    text = re.sub(  # a list of options: "its options: cache_dir, device"
+        r"(options: )([\w, ]+)",
+        lambda m: (
+            m[1] + ", ".join(flag_of(n) if n in names else n for n in m[2].split(", "))
+        ),  # fmt: skip
+        text,
+    )
+    for name in names:
+        if "_" in name:
+            text = re.sub(rf"(?<![\w/.'\"-]){name}(?![\w/'\"-])", flag_of(name), text)
+        elif re.match(rf"{name} (must|needs|is required)\b", text):
+            text = flag_of(name) + text[len(name) :]
+    return text
 
 
 def _argument(f: dataclasses.Field, default_text: str) -> dict[str, Any]:

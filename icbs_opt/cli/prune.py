@@ -11,27 +11,28 @@ the model loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import importlib.util
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from icbs_opt.atomic import atomic_path
 from icbs_opt.backends import Backend, get_backend
 from icbs_opt.cli.common import (
+    EXIT_WRITE_FAILED,
     Interrupts,
     add_backend_option_flag,
     add_json_flag,
-    check_output,
     hide_loading_bars,
+    os_reason,
     parse_key_values,
     progress_bar,
-    write_json,
+    write_each,
+    write_errors,
 )
 from icbs_opt.cli.flags import (
     add_setting_flags,
@@ -42,12 +43,23 @@ from icbs_opt.cli.flags import (
     given_task_options,
     zero_shot_tasks,
 )
-from icbs_opt.cli.report import per_corpus, plot_history, print_prune_table, print_stop
+from icbs_opt.cli.outputs import (
+    FOLDER_OUTPUTS,
+    absolute,
+    check_outputs,
+    stale_checkpoints,
+    summary_writes,
+    write_outputs,
+)
+from icbs_opt.cli.report import (
+    per_corpus,
+    print_prune_table,
+    print_stop,
+)
 from icbs_opt.errors import DataError, PruningError
 from icbs_opt.executors import executor_address
 from icbs_opt.record import (
     CHECKPOINT_FILE,
-    CONFIG_FILE,
     RESUME_MAY_CHANGE,
     RunRecord,
     checkpoint_file,
@@ -56,10 +68,6 @@ from icbs_opt.settings import Preset
 from icbs_opt.tasks import TaskSpec, task_names, task_spec
 from icbs_opt.zeroshot import format_zero_shot
 
-#: Outputs that are folders.
-FOLDER_OUTPUTS = ("out", "harvest", "checkpoint")
-#: A non-empty --out or --checkpoint folder must hold one of these (icbs-opt's).
-_OURS = (CONFIG_FILE, CHECKPOINT_FILE)
 #: Said on stderr after a first SIGINT or SIGTERM.
 _NOTICE = (
     "stopping after the current step to write the results (Ctrl-C again "
@@ -100,6 +108,12 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="continue the run checkpointed in DIR, with its settings and outputs",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out or --checkpoint folder that holds another "
+        "run's checkpoint (which is removed when pruning starts)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_zero_shot_flags(p)
     add_setting_flags(p)
@@ -117,6 +131,9 @@ class PrunePlan:
         resume: The checkpoint file this run continues (None: a new run).
         zero_shot: Zero-shot tasks evaluated after pruning (None: none).
         limit: Examples per zero-shot task (None: all).
+        stale: Checkpoints of earlier runs in the output folders, removed
+            (``--overwrite``) once this run starts pruning.
+        checkpoint_failed: Whether a checkpoint could not be written (said once).
     """
 
     spec: TaskSpec
@@ -131,6 +148,8 @@ class PrunePlan:
     zero_shot: list[str] | None = None
     limit: int | None = None
     harvest_format: str = "npz"
+    stale: list[str] = dataclasses.field(default_factory=list)
+    checkpoint_failed: bool = False
 
     @property
     def record(self) -> RunRecord:
@@ -150,10 +169,12 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
     """The run's plan; every setting and output path checked, all cheap."""
     given = {key: getattr(args, key) for key in (*FOLDER_OUTPUTS, "json", "plot")}
     outputs = {k: v for k, v in given.items() if v is not None}
-    saved = RunRecord.read_checkpoint(args.resume) if args.resume else None
+    saved = RunRecord.read_checkpoint(args.resume) if args.resume is not None else None
     if saved is not None:
         outputs = {**saved.outputs, **outputs}
-    _check_outputs(outputs)
+    check_outputs(outputs)  # messages show the paths as typed
+    outputs = {k: absolute(v) for k, v in outputs.items()}
+    stale = stale_checkpoints(outputs, args.resume, args.overwrite)
     spec = task_spec(_task_name(args, saved))
     preset = (saved.preset if saved else spec.preset).replace(**given_settings(args))
     executor_address(preset.config.executor)  # a bad --executor fails now
@@ -168,7 +189,7 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
         options,
         preset,
         _backend(args, saved),
-        _layers(args.layers) if args.layers else layers,
+        _layers(args.layers) if args.layers is not None else layers,
         outputs,
         progress=not args.no_progress,
         checkpoint=_checkpoint_path(outputs, preset),
@@ -176,6 +197,7 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
         zero_shot=zero_shot_tasks(args, spec, options),
         limit=args.limit,
         harvest_format=args.harvest_format,
+        stale=stale,
     )
     if saved is not None:
         _refuse_changes(saved, plan.record)
@@ -185,7 +207,9 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
 def _task_name(args: argparse.Namespace, saved: RunRecord | None) -> str:
     """The task resumed, given, or the default (causal-lm with --model)."""
     if saved is None:
-        return args.task or ("causal-lm" if args.task_model else "digits-mlp")
+        if args.task is not None:
+            return args.task
+        return "causal-lm" if args.task_model is not None else "digits-mlp"
     if args.task not in (None, saved.task):
         raise _refusal("task", saved.task, args.task)
     return saved.task
@@ -193,7 +217,9 @@ def _task_name(args: argparse.Namespace, saved: RunRecord | None) -> str:
 
 def _backend(args: argparse.Namespace, saved: RunRecord | None) -> Backend:
     """The backend given, or the one resumed with its options."""
-    name = args.backend or (saved.backend if saved else "native")
+    name = args.backend
+    if name is None:
+        name = saved.backend if saved else "native"
     options = saved.backend_options if saved and name == saved.backend else {}
     if args.backend_option:
         options = parse_key_values(args.backend_option, "--backend-option")
@@ -224,29 +250,6 @@ def _checkpoint_path(outputs: dict[str, str], preset: Preset) -> str | None:
     return None
 
 
-def _check_outputs(outputs: dict[str, str]) -> None:
-    """Fail now, not after the run, on an output that cannot or must not be written.
-
-    A folder that already holds files must be one icbs-opt wrote: it has a
-    ``prune_config.json`` or a checkpoint. ``--plot`` needs matplotlib.
-    """
-    for key, path in outputs.items():
-        check_output(path, folder=key in FOLDER_OUTPUTS)
-        folder = Path(path)
-        if key not in ("out", "checkpoint") or not folder.is_dir():
-            continue
-        ours = any((folder / name).exists() for name in _OURS)
-        if not ours and any(folder.iterdir()):
-            raise DataError(
-                f"output folder {path!r} holds files icbs-opt did not write (no "
-                f"{' or '.join(_OURS)}); give a new or empty folder"
-            )
-    if "plot" in outputs and importlib.util.find_spec("matplotlib") is None:
-        raise DataError(
-            "--plot needs matplotlib; install it with: pip install matplotlib"
-        )
-
-
 def _refuse_changes(saved: RunRecord, given: RunRecord) -> None:
     """Raise, naming the flag, if ``given`` changes a setting of ``saved``."""
     change = saved.changed(given)
@@ -256,7 +259,8 @@ def _refuse_changes(saved: RunRecord, given: RunRecord) -> None:
 
 def _refusal(name: str, old: Any, new: Any) -> PruningError:
     """The error of a resume that changes the setting ``name``."""
-    may = " and ".join(flag_of(n) for n in RESUME_MAY_CHANGE)
+    *others, last = [flag_of(n) for n in RESUME_MAY_CHANGE]
+    may = f"{', '.join(others)} and {last}"
     return PruningError(
         f"cannot resume with {flag_of(name)} {new!r}: the checkpoint's run has "
         f"{old!r} (only {may} may change)"
@@ -293,6 +297,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         torch.set_num_threads(plan.preset.run.threads)
     task = plan.spec.build(plan.options)
     pruner, start, resume = _start(plan, task)
+    for stale in plan.stale:  # --overwrite: a later --resume must not find it
+        os.unlink(stale)
     try:
         with interrupts.installed():
             result = _prune(plan, task, pruner, stop, resume)
@@ -300,19 +306,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             summary = _finish(plan, task, pruner, result, start, interrupts.received)
             if plan.outputs.get("json") != "-":  # stdout is the JSON's alone
                 print_prune_table(summary)
-            _write_outputs(plan, task, pruner, summary, result)
+            failed = write_outputs(plan, task, pruner, summary, result)
     finally:
         pruner.close()
     if result.stopped:
-        print_stop(plan.outputs, summary)
+        print_stop(plan.outputs, summary, failed)
     elif plan.zero_shot:  # after the outputs: an interrupt here loses nothing
         summary["zero_shot"] = task.zero_shot(
             task.model, plan.zero_shot, plan.limit, progress=plan.progress
         )
         if plan.outputs.get("json") != "-":
             print("\n".join(format_zero_shot(summary["zero_shot"])))
-        _write_summary(plan, summary, result)
-    return interrupts.exit_status
+        writes = summary_writes(plan, summary, result)
+        failed += write_each([w for w in writes if w is not None])
+    return EXIT_WRITE_FAILED if failed else interrupts.exit_status
 
 
 def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
@@ -333,17 +340,18 @@ def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
     }
     harvest = plan.outputs.get("harvest")
     t = time.perf_counter()
-    pruner = Pruner(
-        task.model,
-        task.loss_fn,
-        backend=plan.backend,
-        layers=layers,
-        calibration=task.calibration,
-        problem_hook=Harvester(harvest, task.name, plan.harvest_format)
-        if harvest
-        else None,
-        config=plan.preset.config,
-    )
+    with _no_tabu_notes(plan.preset.run.steps == 0):
+        pruner = Pruner(
+            task.model,
+            task.loss_fn,
+            backend=plan.backend,
+            layers=layers,
+            calibration=task.calibration,
+            problem_hook=Harvester(harvest, task.name, plan.harvest_format)
+            if harvest
+            else None,
+            config=plan.preset.config,
+        )
     start = {"layers": layers, "dense": dense, "init_seconds": time.perf_counter() - t,
              "init_density": nonzero_density(task.model, layers)}  # fmt: skip
     if plan.resume is None:
@@ -351,6 +359,19 @@ def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:
     saved = load_checkpoint(plan.resume)
     pruner.load_state_dict(saved.state)
     return pruner, start, saved.result
+
+
+@contextlib.contextmanager
+def _no_tabu_notes(quiet: bool) -> Iterator[None]:
+    """Drop the notes on tabu lists while ``quiet`` (``--steps 0`` uses none)."""
+    log = logging.getLogger("icbs_opt.pruning.state")
+    drop = lambda record: "tabu" not in str(record.msg)  # noqa: E731
+    if quiet:
+        log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _prune(plan: PrunePlan, task: Any, pruner: Any, stop: Callable, resume: Any) -> Any:
@@ -378,8 +399,22 @@ def _prune(plan: PrunePlan, task: Any, pruner: Any, stop: Callable, resume: Any)
         )
 
 
-def _save_checkpoint(plan: PrunePlan, pruner: Any, result: Any) -> None:
-    plan.record.write_checkpoint(plan.checkpoint, pruner, result)  # type: ignore[arg-type]
+def _save_checkpoint(plan: PrunePlan, pruner: Any, result: Any) -> bool:
+    """Write the checkpoint; a failure (a full disk) is a one-line warning, once.
+
+    Returns:
+        Whether the checkpoint was written.
+    """
+    try:
+        plan.record.write_checkpoint(plan.checkpoint, pruner, result)  # type: ignore[arg-type]
+    except write_errors() as exc:
+        if not plan.checkpoint_failed:
+            where, why = plan.checkpoint, os_reason(exc)
+            print(f"icbs-opt: warning: cannot write the checkpoint {where!r}: {why}; "
+                  "going on without it", file=sys.stderr)  # fmt: skip
+        plan.checkpoint_failed = True
+        return False
+    return True
 
 
 def _finish(
@@ -397,8 +432,8 @@ def _finish(
     config, run = plan.preset.config, plan.preset.run
     checkpoint = None
     if plan.checkpoint and (result.stopped or run.checkpoint_every or plan.resume):
-        _save_checkpoint(plan, pruner, result)  # before the best mask is restored
-        checkpoint = plan.checkpoint
+        if _save_checkpoint(plan, pruner, result):  # before the best mask is restored
+            checkpoint = plan.checkpoint
     best = restore_best(pruner, result) if run.keep_best else None
     final = best or result.history[-1]
     if final["step"] != result.steps_done:  # an abandoned step lost its evaluation
@@ -441,6 +476,8 @@ def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
     shown: dict[str, Any] = {"blocks": 0, "accepted": 0}
 
     def on_pass(record: Any) -> None:
+        if record.blocks:  # a pass feeds blocks of several layers: the last one
+            shown["layer"] = record.blocks[-1].layer
         shown["blocks"] += len(record.blocks)
         shown["accepted"] += record.accepted
         bar.set_postfix(**shown, refresh=False)
@@ -453,39 +490,3 @@ def _progress_callbacks(bar: Any, task: Any) -> tuple[Callable, Callable]:
         return scores
 
     return on_pass, evaluate
-
-
-# -------------------------------------------------------------------- write
-def _write_outputs(
-    plan: PrunePlan, task: Any, pruner: Any, summary: dict[str, Any], result: Any
-) -> None:
-    """The summary JSON, the plot, and the ``--out`` folder."""
-    later = plan.zero_shot and not result.stopped  # the summary grows after this
-    if "json" in plan.outputs and not (later and plan.outputs["json"] == "-"):
-        write_json(plan.outputs["json"], summary)
-    if "plot" in plan.outputs:
-        plot_history(summary["history"], task.metric, plan.outputs["plot"])
-    out = plan.outputs.get("out")
-    if out is None:
-        return
-    from safetensors.torch import save_file
-
-    os.makedirs(out, exist_ok=True)
-    masks = {name: m.cpu().contiguous() for name, m in pruner.masks().items()}
-    with atomic_path(os.path.join(out, "masks.safetensors")) as tmp:
-        meta = {"convention": "True = kept: weight == original weight * mask"}
-        save_file(masks, tmp, metadata=meta)
-    task.save_model(task.model, out)
-    plan.record.write_config(out, layers=summary["layers"], task_info=task.info)
-    _write_summary(plan, summary, result, json_too=False)
-
-
-def _write_summary(
-    plan: PrunePlan, summary: dict[str, Any], result: Any, json_too: bool = True
-) -> None:
-    """``--json`` (when ``json_too``) and the ``--out`` folder's ``results.json``."""
-    if json_too and "json" in plan.outputs:
-        write_json(plan.outputs["json"], summary)
-    if "out" in plan.outputs:
-        steps = [r.to_dict() for r in result.records]
-        RunRecord.write_results(plan.outputs["out"], summary, steps)

