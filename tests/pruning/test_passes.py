@@ -54,13 +54,13 @@ def mask_hash(pruner):
     return h.hexdigest()[:16]
 
 
-def run(steps=15, **options):
+def run(steps=15, density=0.4, **options):
     X, y = data()
     batches = [(X[i : i + 20], y[i : i + 20]) for i in range(0, 60, 20)]
     pruner = Pruner(
         mlp(),
         loss,
-        0.4,
+        density,
         "exhaustive",
         block_size=12,
         calibration=(X, y),
@@ -121,7 +121,12 @@ def test_pass_blocks_in_one_layer_are_disjoint():
     assert not (chosen[0] & chosen[1]) and not (chosen[1] & chosen[2])
 
 
-def test_serial_threads_and_a_cluster_give_the_same_masks():
+# 2:4 on the two layers whose inputs split into groups of 4 (12 and 8 wide)
+NM = {"density": None, "pattern": "2:4", "layers": ["2", "4"]}
+
+
+@pytest.mark.parametrize("pattern", [{}, NM], ids=["unstructured", "2:4"])
+def test_serial_threads_and_a_cluster_give_the_same_masks(pattern):
     distributed = pytest.importorskip("distributed")
     hashes = []
     with distributed.LocalCluster(
@@ -134,10 +139,12 @@ def test_serial_threads_and_a_cluster_give_the_same_masks():
     ) as cluster:
         address = cluster.scheduler_address.replace("tcp://", "dask://")
         for executor, workers in ((None, 1), ("threads", 2), (address, None)):
-            pruner, _ = run(
+            pruner, result = run(
                 steps=3, blocks_per_step=3, executor=executor, workers=workers,
-                **PAPER,
+                **{**PAPER, **pattern},
             )  # fmt: skip
+            assert all(r.feasible for r in result.records)
+            assert result.accepted, "nothing moved: the masks prove nothing"
             hashes.append(mask_hash(pruner))
             pruner.close()
     assert hashes[0] == hashes[1] == hashes[2]
