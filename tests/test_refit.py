@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from icbs_opt.pruning.refit import refit
+from icbs_opt.pruning.sequential import sequential_update
 from icbs_opt.recording import StopForward, decoder_blocks, recording
 
 transformers = pytest.importorskip("transformers")
@@ -179,3 +180,29 @@ def test_decoder_blocks_of_a_hugging_face_model_and_of_a_plain_one():
     assert decoder_blocks(net) == ("0", outer)  # the outermost, of two or more
     assert decoder_blocks(net, [inner[1]]) == ("0", outer)
     assert decoder_blocks(nn.Sequential(nn.Linear(2, 2))) is None
+
+
+def test_a_dense_replay_stops_each_stage_after_its_layers():
+    """Stages: (q, k, v), o, (gate, up), down; each stage's current and dense runs
+    stop after its last layer, but the last stage's, which feed the next block."""
+    model = two_block_llama()
+    mods = [model.get_submodule(n) for n in llm.prunable_layers(model)]
+    dense = {m: m.weight.detach().clone() for m in mods}
+    block = model.model.layers[0]
+    counted = {"q": block.self_attn.q_proj, "down": block.mlp.down_proj}
+    calls = dict.fromkeys(counted, 0)
+    hooks = [
+        m.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+        for k, m in counted.items()
+    ]
+    updated = []
+    X = torch.randint(0, 64, (4, 6))
+    loss = llm.causal_lm_loss
+    sequential_update(
+        model, loss, X, X, mods, lambda m, g: updated.append(m), dense=dense
+    )
+    for h in hooks:
+        h.remove()
+    assert updated == mods
+    # the probe 1; each of 4 stages 2 (current, dense); the next block's input 1
+    assert calls == {"q": 1 + 4 * 2 + 1, "down": 1 + 2 + 1}

@@ -101,8 +101,8 @@ def sequential_update(
         raise PruningError("the calibration forward never called some modules")
     if blocks is not None and probe.chain:
         stages = probe.stages(order) if dense is not None else [order]
-        batch = (X, y)
-        _by_block(model, loss_fn, batch, blocks, stages, update, max_batch_size, dense)
+        cur = _block_inputs(model, loss_fn, X, y, blocks[0], max_batch_size)
+        _by_block(blocks, cur, stages, probe.calls, update, dense)
         return
     batches = split_batch(X, y, max_batch_size)
     for m in order:
@@ -154,21 +154,25 @@ def _weights_set(
 
 # ------------------------------------------------------------ block by block
 def _by_block(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: tuple[Any, Any],
     blocks: nn.ModuleList,
+    cur: list[tuple[tuple, dict]],
     stages: list[list[nn.Module]],
+    calls: Mapping[int, int],
     update: LayerUpdate,
-    mbs: int | None,
     dense: Mapping[nn.Module, torch.Tensor] | None,
 ) -> None:
     """The block-by-block way of :func:`sequential_update`.
 
-    ``stages`` splits the modules, in forward order, into groups updated
-    together (a group may span blocks: it is cut at their boundaries).
+    Args:
+        blocks: The blocks, in forward order.
+        cur: The first block's ``(args, kwargs)``, one per sub-batch.
+        stages: The modules in forward order, in groups updated together (a
+            group spanning blocks is cut at their boundaries).
+        calls: ``{id(module): calls per forward}``: a stage's runs stop after
+            its modules' calls, unless the block's output is needed.
+        update: As for :func:`sequential_update`.
+        dense: As for :func:`sequential_update`.
     """
-    cur = _block_inputs(model, loss_fn, *batch, blocks[0], mbs)
     den = list(cur)  # the dense model's block inputs (with ``dense``)
     order = [m for stage in stages for m in stage]
     last = max(i for i, b in enumerate(blocks) if _inside(b, order))
@@ -177,8 +181,10 @@ def _by_block(
         runs = _runs(block, cur)
         pairs = _runs(block, den, dense, mine) if dense is not None else None
         outs = None  # the dense block's outputs, from the last stage's runs
-        for stage in (s for s in (_inside(block, g) for g in stages) if s):
-            grams, outs = _gather(stage, runs, pairs)  # runs see earlier stages
+        parts = [s for s in (_inside(block, g) for g in stages) if s]
+        for j, stage in enumerate(parts):  # runs see the earlier stages
+            stop = calls if j < len(parts) - 1 else None  # before the end
+            grams, outs = _gather(stage, runs, pairs, stop)
             for m in stage:
                 update(m, grams[id(m)])
         if i == last:
@@ -231,11 +237,13 @@ class _Probe:
             previous one's output (its first element for a tuple), so they can
             be replayed one by one.
         inputs: ``{id(module): its first input}`` (held, so ids stay unique).
+        calls: ``{id(module): how many times the forward called it}``.
     """
 
     order: list[nn.Module]
     chain: bool
     inputs: dict[int, Any]
+    calls: dict[int, int]
 
     def stages(self, order: list[nn.Module]) -> list[list[nn.Module]]:
         """``order`` cut into runs of consecutive modules fed the same tensor."""
@@ -253,11 +261,13 @@ def _probe(
 ) -> _Probe:
     """One-sample forward through every module (see :class:`_Probe`)."""
     seen: dict[int, list[Any]] = {}  # per module: [module, first input, output]
+    calls: dict[int, int] = {}
 
     def note(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         first = args[0] if args else kwargs.get("hidden_states")
         seen.setdefault(id(mod), [mod, first, None])
         seen[id(mod)][2] = out[0] if isinstance(out, tuple) else out
+        calls[id(mod)] = calls.get(id(mod), 0) + 1
 
     with torch.no_grad(), recording(list(model.modules()), note):
         loss_fn(model, *split_batch(X, y, 1)[0])
@@ -266,14 +276,20 @@ def _probe(
         pairs = zip(blocks[:-1], blocks[1:], strict=True)  # type: ignore[index]
         chain = all(seen[id(b)][1] is seen[id(a)][2] for a, b in pairs)
     order = [m for m, _, _ in seen.values()]
-    return _Probe(order, chain, {k: v[1] for k, v in seen.items()})
+    return _Probe(order, chain, {k: v[1] for k, v in seen.items()}, calls)
 
 
 # ------------------------------------------------------------- Gram matrices
 def _gather(
-    modules: list[nn.Module], runs: list[_Run], pairs: list[_Run] | None
+    modules: list[nn.Module],
+    runs: list[_Run],
+    pairs: list[_Run] | None,
+    calls: Mapping[int, int] | None = None,
 ) -> tuple[dict[int, LayerGrams], list[Any] | None]:
     """The modules' Gram matrices over the sub-batch runs (and dense pairs).
+
+    With ``calls`` (``{id(module): calls per run}``) each run stops once the
+    modules have made them, and returns no output.
 
     Returns:
         ``{id(module): LayerGrams}`` and the outputs of the dense runs.
@@ -281,10 +297,10 @@ def _gather(
     acc: dict[int, LayerGrams] = {}
     outs = [] if pairs is not None else None
     for i, run in enumerate(runs):
-        xc, _ = _capture(modules, run)
+        xc, _ = _capture(modules, run, calls)
         xd = None
         if pairs is not None:
-            xd, out = _capture(modules, pairs[i])
+            xd, out = _capture(modules, pairs[i], calls)
             outs.append(out)  # type: ignore[union-attr]
         _accumulate(acc, modules, xc, xd)
     for m in modules:
@@ -296,14 +312,24 @@ def _gather(
     return acc, outs
 
 
-def _capture(modules: list[nn.Module], run: _Run) -> tuple[dict[int, list], Any]:
-    """The input of every call of the modules during ``run()``, and its output."""
+def _capture(
+    modules: list[nn.Module], run: _Run, calls: Mapping[int, int] | None = None
+) -> tuple[dict[int, list], Any]:
+    """The input of every call of the modules during ``run()``, and its output.
+
+    With ``calls``, the run stops once every module made its calls (output None).
+    """
     seen: dict[int, list[torch.Tensor]] = {}
 
     def keep(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         # not detached (no graph under no_grad): layers fed one tensor (q, k, v)
         seen.setdefault(id(mod), []).append(args[0])  # share its Gram products
+        if calls is not None and all(
+            len(seen.get(id(m), ())) >= calls[id(m)] for m in modules
+        ):
+            raise StopForward  # the rest of the block is not needed
 
+    out = None
     with torch.no_grad(), recording(modules, keep):
         out = run()
     return seen, out
