@@ -73,8 +73,11 @@ def sequential_update(
       stages instead (layers fed the same tensor, such as q, k and v, form
       one stage), each stage on the inputs left by the stages before it: a
       layer fitted to the dense model's outputs corrects the error of its
-      inputs, so it must see the inputs it will get. Cost: ``2 s + 1`` runs
-      of each block for ``s`` stages (nine for a Llama block).
+      inputs, so it must see the inputs it will get. A stage runs the block
+      on the current and the dense weights, stopping after the stage's last
+      layer unless it is the block's last stage. Cost: about 5.6 block
+      forwards per block of SmolLM2 (its four stages run up to 13%, 36%, 80%
+      and 100% of its work, twice, and once more for the next block's inputs).
     - layer by layer otherwise (the digits MLP, Conv2d nets): one calibration
       forward per module (two with ``dense``), in the order the probe saw.
 
