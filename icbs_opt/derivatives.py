@@ -7,10 +7,10 @@ samples of per-sample losses, and works on the weight of one ``nn.Linear`` or
 (for a Conv2d, ``d_in = C_in * kh * kw`` in :func:`torch.nn.functional.unfold`
 order).
 
-One recording engine, :func:`record_layers`, serves any set of layers with ONE
-forward/backward of each (sub-)batch: forward hooks keep each layer's input rows
-``x`` and the backward pass asks for the gradients ``delta = dL/d(out)`` of the
-layer outputs only. A block's per-sample gradients are then
+:func:`record_layers` serves any set of layers with ONE forward/backward of each
+(sub-)batch: the recording engine (:func:`icbs_opt.recording.recording`) keeps
+each layer's input rows ``x`` and the backward pass asks for the gradients
+``delta = dL/d(out)`` of the layer outputs only. A block's per-sample gradients are then
 ``G[s, i] = N * sum_t delta[s, t, row_i] * x[s, t, col_i]`` (the factor ``N``
 undoes the mean over samples); the per-sample gradient of a whole layer is never
 formed.
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icbs_opt.errors import PruningError
+from icbs_opt.recording import recording
 from icbs_opt.settings import HESSIAN_MODELS
 
 #: ``loss_fn(model, X, y) -> scalar tensor``: mean of per-sample losses.
@@ -268,19 +269,17 @@ def record_layers(
     start = time.perf_counter()
     tapes = {id(m): LayerTape(m) for m in modules}
     recorder = _Recorder(tapes, dtype, len(X))
-    handles = [m.register_forward_hook(recorder.hook) for m in modules]
     loss_sum, chunks = 0.0, split_batch(X, y, max_batch_size)
     try:
-        for i, (Xb, yb) in enumerate(chunks):
-            recorder.b = len(Xb)
-            loss = _scalar_loss(loss_fn, model, Xb, yb)
-            recorder.backward(loss)
-            loss_sum += float(loss.detach()) * len(Xb)
-            if i == 0 and memory_limit is not None:
-                _check_memory(recorder, len(chunks), memory_limit)
+        with recording(modules, recorder.hook):
+            for i, (Xb, yb) in enumerate(chunks):
+                recorder.b = len(Xb)
+                loss = _scalar_loss(loss_fn, model, Xb, yb)
+                recorder.backward(loss)
+                loss_sum += float(loss.detach()) * len(Xb)
+                if i == 0 and memory_limit is not None:
+                    _check_memory(recorder, len(chunks), memory_limit)
     finally:
-        for h in handles:
-            h.remove()
         recorder.calls.clear()
         recorder.buffers.clear()
     seconds = time.perf_counter() - start
@@ -327,7 +326,7 @@ class _Recorder:
         self.shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by id
 
     def hook(
-        self, mod: nn.Module, inputs: tuple, out: torch.Tensor
+        self, mod: nn.Module, inputs: tuple, kwargs: dict, out: torch.Tensor
     ) -> torch.Tensor | None:
         if not torch.is_grad_enabled():  # a call outside the differentiated forward
             return None
@@ -598,7 +597,7 @@ def input_column_norms(
     sums: dict[int, torch.Tensor] = {}
     last: dict[str, Any] = {"input": None, "sq": None}  # q/k/v share their input
 
-    def hook(mod: nn.Module, inputs: tuple, out: Any) -> None:
+    def hook(mod: nn.Module, inputs: tuple, kwargs: dict, out: Any) -> None:
         x = inputs[0].detach()
         if isinstance(mod, nn.Conv2d):
             sq = x.double().pow(2).sum(dim=(0, 2, 3))  # (C_in,)
@@ -610,14 +609,11 @@ def input_column_norms(
         key = id(mod)
         sums[key] = sums[key] + sq if key in sums else sq
 
-    handles = [m.register_forward_hook(hook) for m in modules]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recording(modules, hook):
             for Xb, yb in split_batch(X, y, max_batch_size):
                 loss_fn(model, Xb, yb)
     finally:
-        for h in handles:
-            h.remove()
         last.clear()
     for m in modules:
         _check_called(m, id(m) in sums, "calibration forward")

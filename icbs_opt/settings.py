@@ -154,7 +154,8 @@ class PruneConfig:
         refit_target: The outputs a refit reconstructs: the original layer's on
             the ``current`` (pruned) model's inputs, SparseGPT's objective, or on
             the ``dense`` model's inputs (also correcting earlier layers' error:
-            best on the digits MLP, ruinous on SmolLM2; see docs/pruning.md).
+            best on the digits MLP, worse than ``current`` on SmolLM2; see
+            docs/pruning.md).
         refit_solver: ``pcg`` (conjugate gradients from the current weights, to
             a relative residual of 1e-3) or ``exact`` (Cholesky solves per row).
         seed: Seed of every random choice (init, layer, block, solver).

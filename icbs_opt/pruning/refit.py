@@ -7,15 +7,23 @@ solves
 
     min_w ||X_t w0_r - X w||^2 + lambda ||w0_r - w||^2   over w with w = 0 off S
 
-that is ``H[S, S] w_S = (C w0_r + lambda w0_r)[S]`` with ``H = X^T X + lambda I``
-and ``C = X^T X_t``. The target inputs ``X_t`` are, with ``target="current"``,
-``X`` itself (SparseGPT's objective: the dense layer applied to the pruned
-model's inputs; ``C = G``), and with ``target="dense"`` the inputs of the same
-samples in the dense model, so a layer also corrects the error of the layers
-before it. The Gram matrices are computed once per layer; ``lambda`` is
-SparseGPT's dampening, a fraction of the mean diagonal of ``G = X^T X``. The
-dampening pulls towards ``w0``; with ``dampening=0`` the solution is the plain
-least-squares one. Dead inputs (a zero Gram diagonal) keep their value.
+that is ``H[S, S] w_S = (C w0_r + lambda w0_r)[S]`` with
+``H = X^T X + lambda I`` and ``C = X^T X_t``. The target inputs ``X_t`` are, with
+``target="current"``, ``X`` itself (SparseGPT's objective: the dense layer
+applied to the pruned model's inputs; ``C = G``), and with ``target="dense"``
+the inputs of the same samples in the dense model, so a layer also corrects the
+error of the layers before it. That correction is only right on the inputs the
+layer will see, so with ``dense`` the layers of a decoder block are refit in
+stages, each on the inputs left by the layers refit before it (see
+:func:`~icbs_opt.pruning.sequential.sequential_update`); fitting them all from
+the block's inputs before any of them changed, as ``current`` does, made
+``o_proj`` and the MLP correct an error the attention's refit had already
+removed, and took SmolLM2-135M from 48.85 to 1,205 perplexity (in stages: 53.20
+from Wanda's 50.96 at density 0.5, where ``current`` gives 44.08). The Gram
+matrices are computed once per layer; ``lambda`` is SparseGPT's dampening, a
+fraction of the mean diagonal of ``G = X^T X``. The dampening pulls towards
+``w0``; with ``dampening=0`` the solution is the plain least-squares one. Dead
+inputs (a zero Gram diagonal) keep their value.
 
 On the digits MLP at density 0.1 the ``dense`` target matters: iCBS (300 steps,
 magnitude init) 92.4% test accuracy, refit to ``current`` 68.9%, to ``dense``

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from icbs_opt import recording
 from icbs_opt.errors import DataError, PruningError
 from icbs_opt.tasks import Task
 from icbs_opt.tasks.compressed import (
@@ -308,14 +309,16 @@ def save_causal_lm(
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The qualified name and ``nn.ModuleList`` of the model's decoder blocks.
 
+    Found as :func:`icbs_opt.recording.decoder_blocks` finds them.
+
     Raises:
         PruningError: If no ``nn.ModuleList`` of ``config.num_hidden_layers``
             modules exists.
     """
+    found = recording.decoder_blocks(model)
+    if found is not None:
+        return found
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return name, module
     raise PruningError(
         f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList "
         f"of num_hidden_layers = {count!r} modules"
