@@ -235,3 +235,23 @@ def assert_masks_describe_the_zeros(pruner: Pruner) -> None:
     for name, keep in pruner.masks().items():
         w = pruner.model.get_submodule(name).weight
         assert torch.equal(w != 0, keep)
+
+
+def two_block_llama() -> nn.Module:
+    """A two-decoder-block Llama with weights large enough for pruning to matter."""
+    import transformers
+
+    from icbs_opt.tasks import causal_lm as llm
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,  # large enough for pruning errors to matter
+    )
+    return llm._prepare(transformers.LlamaForCausalLM(config))
