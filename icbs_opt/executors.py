@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
@@ -53,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for a Dask scheduler to answer, and then for a first worker.
 CONNECT_TIMEOUT = 5.0
+#: Seconds a batch waits on a Dask cluster left with no workers before it fails.
+LOST_TIMEOUT = 30.0
+#: Seconds between looks for finished Dask tasks.
+POLL_SECONDS = 0.01
 _FORMS = "'threads', 'dask://HOST:PORT' or 'tcp://HOST:PORT'"
 _ADDRESS = re.compile(r"^(?:dask|tcp)://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)$")
 _INSTALL = (
@@ -202,6 +207,9 @@ class DaskExecutor(Executor):
         workers: Most tasks in flight at once (an integer >= 1); ``None``: the
             whole batch (the scheduler spreads it over its workers).
         timeout: Seconds to wait for the scheduler, and then for a first worker.
+        lost_timeout: Seconds a batch waits while the cluster has no workers
+            (all killed or retired) before it fails with
+            :class:`~icbs_opt.errors.ExecutorUnavailable`.
 
     Raises:
         ExecutorUnavailable: If ``distributed`` is missing, the scheduler does not
@@ -214,9 +222,10 @@ class DaskExecutor(Executor):
         *,
         workers: int | None = None,
         timeout: float = CONNECT_TIMEOUT,
+        lost_timeout: float = LOST_TIMEOUT,
     ):
         distributed = _import_distributed()
-        self.address = address
+        self.address, self.lost_timeout = address, lost_timeout
         self.workers = None if workers is None else _check_workers(workers)
         try:
             self.client = distributed.Client(
@@ -277,7 +286,7 @@ class DaskExecutor(Executor):
         for _ in range(self.workers or len(jobs)):
             submit_next()
         try:
-            for future in running:
+            for future in self._arrivals(running):
                 yield index[future.key], future.result()
                 submit_next()
         except BaseException as exc:  # a failure or Ctrl-C: drop the queued tasks
@@ -288,6 +297,36 @@ class DaskExecutor(Executor):
                     "see the workers' logs (memory limit?)"
                 ) from None
             raise
+
+    def _arrivals(self, running: Any) -> Iterator[Any]:
+        """The futures of ``running`` as they finish.
+
+        Raises:
+            ExecutorUnavailable: When the cluster has had no workers for
+                ``lost_timeout`` seconds (Dask itself would wait forever).
+        """
+        since = None  # when the cluster was first seen without workers
+        last_look = time.monotonic()
+        while not running.is_empty():
+            if running.has_ready():
+                yield from running.next_batch(block=False)
+                since = None
+                continue
+            time.sleep(POLL_SECONDS)
+            now = time.monotonic()
+            if now - last_look < 1.0:
+                continue
+            last_look = now
+            if self.client.nthreads():
+                since = None
+            elif since is None:
+                since = now
+            elif now - since >= self.lost_timeout:
+                raise ExecutorUnavailable(
+                    f"the Dask cluster at {self.address} has had no workers for "
+                    f"{self.lost_timeout:g} s while block problems were waiting; "
+                    f"start workers with `dask worker {self.address}`"
+                )
 
     def close(self) -> None:
         """Close the connection to the scheduler (the cluster keeps running)."""

@@ -247,6 +247,24 @@ def test_scheduler_without_workers():
             make_executor(empty.scheduler_address, timeout=0.5)
 
 
+def test_a_cluster_that_loses_its_workers_fails_in_one_line():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=1,
+        processes=False,
+        host="127.0.0.1",
+        protocol="tcp",
+        dashboard_address="127.0.0.1:0",
+    ) as local:
+        executor = DaskExecutor(local.scheduler_address, lost_timeout=1.0)
+        executor.client.retire_workers()  # as if every worker were killed
+        start = time.perf_counter()
+        with pytest.raises(ExecutorUnavailable, match="has had no workers for 1 s"):
+            executor.solve_many(get_backend("exhaustive"), [random_problem(6)], [0])
+        assert time.perf_counter() - start < 10  # Dask alone would wait forever
+        executor.close()
+
+
 def test_braket_trackers_keep_their_own_threads_tasks():
     pytest.importorskip("braket")
     from braket.tracking.tracking_context import broadcast_event

@@ -40,6 +40,8 @@ EXIT_USER_ERROR = EXIT_WRITE_FAILED = 2
 #: Exit status after Ctrl-C (128 + SIGINT) and after SIGTERM (128 + SIGTERM).
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+#: The executor failed mid-run; the finished steps' outputs were written.
+EXIT_EXECUTOR_FAILED = 3
 
 
 #: Exit status after each signal.

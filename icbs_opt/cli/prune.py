@@ -23,6 +23,7 @@ from typing import Any
 
 from icbs_opt.backends import Backend, get_backend
 from icbs_opt.cli.common import (
+    EXIT_EXECUTOR_FAILED,
     EXIT_WRITE_FAILED,
     Interrupts,
     add_backend_option_flag,
@@ -319,7 +320,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             print("\n".join(format_zero_shot(summary["zero_shot"])))
         writes = summary_writes(plan, summary, result)
         failed += write_each([w for w in writes if w is not None])
-    return EXIT_WRITE_FAILED if failed else interrupts.exit_status
+    if failed:
+        return EXIT_WRITE_FAILED
+    if result.stopped == "executor_failed":
+        return EXIT_EXECUTOR_FAILED
+    return interrupts.exit_status
 
 
 def _start(plan: PrunePlan, task: Any) -> tuple[Any, dict[str, Any], Any]:

@@ -54,7 +54,11 @@ def print_prune_table(s: dict[str, Any]) -> None:
 
 def print_stop(outputs: dict[str, str], s: dict[str, Any], failed: list[str]) -> None:
     """Say on stderr why the run stopped, what it wrote and how to go on."""
-    why = {"interrupted": f"by {s['signal']}", "time_budget": "by --time-budget"}
+    why = {
+        "interrupted": f"by {s['signal']}",
+        "time_budget": "by --time-budget",
+        "executor_failed": "because the executor failed (the error is above)",
+    }
     lost = " (the step under way was abandoned)" if s["abandoned_step"] else ""
     print(
         f"icbs-opt: stopped {why.get(s['stopped'], s['stopped'])} after step "

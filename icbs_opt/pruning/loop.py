@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,10 +12,12 @@ import torch
 from torch import nn
 
 from icbs_opt.checks import check_int
-from icbs_opt.errors import DataError, PruningError
+from icbs_opt.errors import DataError, ExecutorUnavailable, PruningError
 from icbs_opt.pruning.pruner import PassRecord, Pruner, StepRecord
 from icbs_opt.pruning.state import nm_violations
 from icbs_opt.settings import UNSTRUCTURED, parse_pattern
+
+logger = logging.getLogger(__name__)
 
 #: The N:M patterns :func:`sparsity_pattern` looks for, finest first (a 2:4
 #: model is 4:8 too).
@@ -114,7 +117,9 @@ def prune(
 
     Returns:
         The records, passes, evaluation history and pruning time. A
-        KeyboardInterrupt during a step abandons that step and ends the run.
+        KeyboardInterrupt during a step abandons that step and ends the run; so
+        does an executor that can no longer solve (``stopped`` is then
+        ``"executor_failed"``, the error logged).
 
     Raises:
         PruningError: For a negative ``steps`` or ``eval_every``.
@@ -140,6 +145,11 @@ def prune(
         except KeyboardInterrupt:
             pruner.load_state_dict(before)  # random states as before the step
             result.stopped, result.abandoned = "interrupted", True
+            break
+        except ExecutorUnavailable as exc:  # e.g. every Dask worker died
+            pruner.load_state_dict(before)
+            logger.error("%s", exc)
+            result.stopped, result.abandoned = "executor_failed", True
             break
         result.seconds += time.perf_counter() - t
         result.passes.append(record)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from icbs_opt.cli import main
 from icbs_opt.cli import prune as cli_prune
+from icbs_opt.errors import ExecutorUnavailable
 from icbs_opt.pruning import pruner as pruner_module
 from icbs_opt.tasks import get_task
 
@@ -196,3 +197,26 @@ def test_validation_split_is_held_out_of_the_pruning_data(cache):
     X, _ = next(task.batches(0))
     assert all(tuple(x.tolist()) in rows for x in X)
     assert full.validate is None
+
+
+def test_an_executor_lost_mid_run_writes_the_finished_steps(
+    cache, tmp_path, monkeypatch, capsys, caplog
+):
+    solve, calls = pruner_module.solve_prepared, {"n": 0}
+
+    def lost_on_the_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise ExecutorUnavailable("the cluster at tcp://x:1 has had no workers")
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(pruner_module, "solve_prepared", lost_on_the_fifth)
+    out = tmp_path / "run"
+    assert main(prune_argv(cache, out, "--checkpoint-every", "1")) == 3
+    assert "has had no workers" in caplog.text  # the CLI's log line on stderr
+    assert "stopped because the executor failed" in capsys.readouterr().err
+    s = json.loads((out / "results.json").read_text())
+    assert s["steps_done"] == 4 and s["abandoned_step"]
+    assert (out / "masks.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(["prune", "--resume", str(out)]) == 0

@@ -4,7 +4,7 @@ test_loop.py)."""
 import pytest
 import torch
 
-from icbs_opt.errors import DataError, PruningError
+from icbs_opt.errors import DataError, ExecutorUnavailable, PruningError
 from icbs_opt.pruning import prune
 from icbs_opt.pruning import pruner as pruner_module
 from icbs_opt.pruning.checkpoint import load_checkpoint, save_checkpoint
@@ -146,3 +146,23 @@ def test_resume_with_refits_restores_the_kept_values(tmp_path):
     assert comparable(resumed) == comparable(expected)
     for a, b in zip(full.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_executor_failure_abandons_the_step_and_keeps_the_work(monkeypatch):
+    pruner = make_pruner(blocks_per_step=3)
+    prune(pruner, batches(), 2)
+    before = pruner.state_dict()
+    masks = pruner.masks()
+    weights = [p.detach().clone() for p in pruner.model.parameters()]
+
+    def lost(*args, **kwargs):
+        raise ExecutorUnavailable("the Dask cluster at tcp://x:1 has had no workers")
+
+    monkeypatch.setattr(pruner_module, "solve_prepared", lost)
+    result = prune(pruner, batches(), 10)
+    assert result.stopped == "executor_failed" and result.abandoned
+    assert result.steps_done == 0 and pruner.passes_done == 2
+    assert pruner.state_dict()["rng"] == before["rng"]
+    assert equal_masks(pruner.masks(), masks)
+    for w, p in zip(weights, pruner.model.parameters(), strict=True):
+        assert torch.equal(w, p)
