@@ -333,3 +333,32 @@ def test_harvest_keeps_groups(tmp_path):
     assert q.meta["x_cur"].tolist() == meta["x_cur"]
     Harvester(tmp_path)(BlockProblem(p.Q, 4, meta={**meta, "step": 3}))
     assert not BlockProblem.load(tmp_path / "step00003_fc.npz").is_grouped
+
+
+def test_cli_refuses_standard_output_for_csv_and_plot(folder, tmp_path, capsys):
+    argv = ["compare", "--problems", str(folder), "--backends", "exhaustive"]
+    for flag in ("--csv", "--plot"):
+        assert main([*argv, flag, "-"]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} needs a file name" in err and err.count("\n") == 1
+    assert main([*argv, "--plot", str(tmp_path / "c.nope")]) == 2
+    assert not (tmp_path / "c.nope").exists() and not (tmp_path / "-").exists()
+
+
+def test_cli_writes_the_other_outputs_when_one_fails(
+    folder, tmp_path, monkeypatch, capsys
+):
+    from icbs_opt import compare as cmp
+
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cmp.Comparison, "write_csv", full_disk)
+    argv = ["compare", "--problems", str(folder), "--backends", "exhaustive"]
+    argv += ["--json", str(tmp_path / "c.json"), "--csv", str(tmp_path / "c.csv")]
+    argv += ["--plot", str(tmp_path / "c.svg")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write '{tmp_path / 'c.csv'}': No space left" in err
+    assert json.loads((tmp_path / "c.json").read_text())["problems"] == 4
+    assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")

@@ -8,6 +8,7 @@ from typing import Any
 
 from icbs_opt.backends import Backend, available_backends, backend_class, get_backend
 from icbs_opt.cli.common import (
+    EXIT_WRITE_FAILED,
     Terminated,
     add_backend_option_flag,
     add_json_flag,
@@ -15,9 +16,11 @@ from icbs_opt.cli.common import (
     interrupt_status,
     parse_key_values,
     progress_bar,
+    write_each,
     write_json,
 )
-from icbs_opt.errors import BackendError, BackendUnavailable, ProblemError
+from icbs_opt.cli.report import check_plot_path
+from icbs_opt.errors import BackendError, BackendUnavailable, DataError, ProblemError
 from icbs_opt.problems import BlockProblem
 
 
@@ -176,7 +179,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from icbs_opt import compare as cmp
     from icbs_opt.executors import make_executor
 
+    if args.csv == "-":
+        raise DataError("--csv needs a file name: standard output ('-') takes none")
+    if args.plot == "-":
+        check_plot_path(args.plot)
     _check_outputs(args.json, args.csv, args.plot)
+    if args.plot:  # its format, once the path itself is known good
+        check_plot_path(args.plot)
     backends = _compare_backends(args.backends, args.backend_option)
     problems, unreadable = cmp.load_problems(cmp.find_problem_files(args.problems))
     if not problems:
@@ -210,31 +219,38 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             problems, backends, finished, unreadable, interrupted=True
         )
         return _compare_interrupted(args, partial, total, exc)
-    _write_comparison(args, result)
-    return 0
+    return EXIT_WRITE_FAILED if _write_comparison(args, result) else 0
 
 
-def _write_comparison(args: argparse.Namespace, result: Any) -> None:
-    """The table on standard output and the ``--json/--csv/--plot`` files."""
-    if args.json:
-        write_json(args.json, result.to_dict())
+def _write_comparison(args: argparse.Namespace, result: Any) -> list[str]:
+    """The table on standard output and the ``--json/--csv/--plot`` files.
+
+    Each file is written on its own (:func:`write_each`).
+
+    Returns:
+        The files that could not be written.
+    """
     if args.json != "-":  # standard output holds the JSON alone
         _print_comparison(result, args.repeats)
-    if args.csv:
-        result.write_csv(args.csv)
-    if args.plot:
-        result.plot(args.plot)
+    title = f"{len(result.problems)} block problems"
+    writes = [
+        (args.json, lambda: write_json(args.json, result.to_dict())),
+        (args.csv, lambda: result.write_csv(args.csv)),
+        (args.plot, lambda: result.plot(args.plot, title=title)),
+    ]
+    return write_each([(path, write) for path, write in writes if path])
 
 
 def _compare_interrupted(
     args: argparse.Namespace, partial: Any, total: int, exc: KeyboardInterrupt
 ) -> int:
     """Write the runs finished before an interrupt; return 130 (143: SIGTERM)."""
-    files = [f for f in (args.json, args.csv) if f and f != "-"]
-    if args.json:
-        write_json(args.json, partial.to_dict())
-    if args.csv:
-        partial.write_csv(args.csv)
+    writes = [
+        (args.json, lambda: write_json(args.json, partial.to_dict())),
+        (args.csv, lambda: partial.write_csv(args.csv)),
+    ]
+    failed = write_each([(path, write) for path, write in writes if path])
+    files = [f for f in (args.json, args.csv) if f and f != "-" and f not in failed]
     done = sum(run.status == "ok" for run in partial.runs)
     where = f"; partial results in {', '.join(files)}" if files else ""
     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
