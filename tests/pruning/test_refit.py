@@ -278,7 +278,8 @@ def pruned_and_refit(target: str):
             m.weight.mul_(keeps[n])
     masked = copy.deepcopy(model)
     loss = _llm().causal_lm_loss
-    refit(model, loss, X, X, targets, target=target, solver="exact", dampening=0.01)
+    kw = {"solver": "exact", "dampening": DAMPENING, "max_batch_size": 6}
+    refit(model, loss, X, X, targets, target=target, **kw)  # 3 sub-batches
     return dense, names, X, keeps, masked, model
 
 
