@@ -6,18 +6,23 @@ checked before the model loads.
 (commit 0fa6a77): a digits run's ``prune_config.json`` and ``results.json`` (2
 steps, ``--block-size 64 --ridge 0.002``, ``cache_dir`` blanked) and a checkpoint
 of a one-layer model whose header holds the settings of ``prune --steps 6
---block-size 8 --ridge 0.002 --checkpoint-every 3 --out runs/old``.
+--block-size 8 --ridge 0.002 --checkpoint-every 3 --out runs/old``, kept as JSON
+(``checkpoint.json``) and written back to a safetensors file when the tests load.
 """
 
+import atexit
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from icbs_opt.cli import build_parser, main
 from icbs_opt.cli.common import Interrupts, Terminated
@@ -30,7 +35,31 @@ from icbs_opt.tasks import digits as digits_module
 from icbs_opt.tasks import load_saved_task, task_names, task_spec
 from icbs_opt.tasks.options import CausalLMOptions, check_model_dir
 
-OLD = Path(__file__).parent / "data" / "run-0fa6a77"
+
+def _old_run() -> Path:
+    """``tests/data/run-0fa6a77`` as a run folder, its checkpoint rebuilt from JSON.
+
+    The checkpoint's header and tensors are kept as JSON (no binary file in the
+    repository) and written back to ``checkpoint.safetensors`` byte for byte as
+    the old code's writer left them.
+    """
+    source = Path(__file__).parent / "data" / "run-0fa6a77"
+    folder = Path(tempfile.mkdtemp(prefix="icbs-old-run-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for name in ("prune_config.json", "results.json"):
+        shutil.copy(source / name, folder / name)
+    saved = json.loads((source / "checkpoint.json").read_text())
+    tensors = {
+        name: torch.tensor(t["data"], dtype=getattr(torch, t["dtype"])).reshape(
+            t["shape"]
+        )
+        for name, t in saved["tensors"].items()
+    }
+    save_file(tensors, folder / CHECKPOINT_FILE, metadata=saved["metadata"])
+    return folder
+
+
+OLD = _old_run()
 
 
 # ------------------------------------------------------------------ old files
