@@ -23,7 +23,7 @@ from icbs_opt.executors import (
     solve_many,
 )
 from icbs_opt.problems import BlockProblem, random_problem
-from tests.tiny import FAST_OPTIONS
+from tests.tiny import FAST_OPTIONS, local_cluster
 
 BACKENDS = list(available_backends())
 #: Slow backends get fewer and smaller problems (braket evaluates on a device).
@@ -60,15 +60,7 @@ def assert_same(expected, got):
 @pytest.fixture(scope="module")
 def cluster():
     """A real two-process Dask cluster on the loopback interface."""
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-    ) as local:
+    with local_cluster(2, threads_per_worker=1, processes=True) as local:
         yield local.scheduler_address.replace("tcp://", "dask://")
 
 
@@ -235,27 +227,13 @@ def test_bad_executors(monkeypatch):
 
 
 def test_scheduler_without_workers():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=0,
-        processes=False,
-        host="127.0.0.1",
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-    ) as empty:
+    with local_cluster(0, processes=False) as empty:
         with pytest.raises(ExecutorUnavailable, match="has no workers after 0.5 s"):
             make_executor(empty.scheduler_address, timeout=0.5)
 
 
 def test_a_cluster_that_loses_its_workers_fails_in_one_line():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=1,
-        processes=False,
-        host="127.0.0.1",
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-    ) as local:
+    with local_cluster(1, processes=False) as local:
         executor = DaskExecutor(local.scheduler_address, lost_timeout=1.0)
         executor.client.retire_workers()  # as if every worker were killed
         start = time.perf_counter()

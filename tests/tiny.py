@@ -255,3 +255,18 @@ def two_block_llama() -> nn.Module:
         initializer_range=0.2,  # large enough for pruning errors to matter
     )
     return llm._prepare(transformers.LlamaForCausalLM(config))
+
+
+def local_cluster(workers: int, **options: Any) -> Any:
+    """A real Dask LocalCluster on the loopback interface (skips without Dask).
+
+    ``options`` go to ``LocalCluster`` (``processes``, ``threads_per_worker``).
+    """
+    distributed = pytest.importorskip("distributed")
+    return distributed.LocalCluster(
+        n_workers=workers,
+        host="127.0.0.1",
+        protocol="tcp",
+        dashboard_address="127.0.0.1:0",
+        **options,
+    )

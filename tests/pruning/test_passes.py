@@ -127,16 +127,8 @@ NM = {"density": None, "pattern": "2:4", "layers": ["2", "4"]}
 
 @pytest.mark.parametrize("pattern", [{}, NM], ids=["unstructured", "2:4"])
 def test_serial_threads_and_a_cluster_give_the_same_masks(pattern):
-    distributed = pytest.importorskip("distributed")
     hashes = []
-    with distributed.LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp",
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
+    with tiny.local_cluster(1, threads_per_worker=2, processes=False) as cluster:
         address = cluster.scheduler_address.replace("tcp://", "dask://")
         for executor, workers in ((None, 1), ("threads", 2), (address, None)):
             pruner, result = run(
