@@ -12,8 +12,8 @@ order).
 each layer's input rows ``x`` and the backward pass asks for the gradients
 ``delta = dL/d(out)`` of the layer outputs only. A block's per-sample gradients are then
 ``G[s, i] = N * sum_t delta[s, t, row_i] * x[s, t, col_i]`` (the factor ``N``
-undoes the mean over samples); the per-sample gradient of a whole layer is never
-formed.
+undoes the mean over samples); the per-sample gradients of a whole layer are
+formed only where they are no larger than the rows (:meth:`LayerTape.gradient`).
 
 Example:
     >>> import torch
@@ -191,9 +191,16 @@ class LayerTape:
     block's per-sample gradients without another forward/backward. Layers fed the
     same input tensor (q/k/v, gate/up) share its storage.
 
+    :meth:`gradient` forms the per-sample gradients of the whole layer (its
+    products are those of the gradient) and, when they take no more memory than
+    the rows, keeps them instead of the rows: a block's per-sample gradients are
+    then a lookup (sequence models, where ``T`` is large); otherwise they are
+    summed from the rows (``T = 1``: the rows are the smaller form).
+
     Attributes:
         module: The layer.
-        xs: ``(b, T, d_in)`` input rows per sub-batch (calls concatenated on T).
+        xs: ``(b, T, d_in)`` input rows per sub-batch (calls concatenated on T);
+            empty once the per-sample gradients replace them.
         deltas: ``(b, T, d_out)`` per-sample output gradients, aligned with ``xs``.
         seconds: Wall time of the recording pass.
     """
@@ -203,21 +210,44 @@ class LayerTape:
         self.xs: list[torch.Tensor] = []
         self.deltas: list[torch.Tensor] = []
         self.seconds = 0.0
+        self._per_sample: torch.Tensor | None = None  # (N, numel) once formed
+
+    @property
+    def samples(self) -> int:
+        """Samples of the batch."""
+        if self._per_sample is not None:
+            return self._per_sample.shape[0]
+        return sum(len(x) for x in self.xs)
 
     def gradient(self) -> torch.Tensor:
         """Gradient of the batch's mean loss, shaped like the weight."""
         w = self.module.weight
-        grad = sum(  # (d_out, d_in), sub-batch by sub-batch
-            torch.einsum("bto,bti->oi", _wide(d), _wide(x))
-            for x, d in zip(self.xs, self.deltas, strict=True)
-        )
-        samples = sum(len(x) for x in self.xs)
-        return (grad / samples).reshape(w.shape).to(w.dtype)
+        d_out, d_in = weight_matrix_shape(self.module)
+        smaller = self.samples * d_out * d_in * 4 <= self.nbytes()
+        if self._per_sample is None and smaller:
+            G = self.xs[0].new_empty(self.samples, d_out, d_in, dtype=torch.float32)
+            start = 0
+            for x, d in zip(self.xs, self.deltas, strict=True):  # per sub-batch
+                out = G[start : start + len(x)]
+                torch.bmm(_wide(d).transpose(1, 2), _wide(x), out=out)
+                start += len(x)
+            self._per_sample = G.reshape(self.samples, -1)
+            self.xs, self.deltas = [], []  # the rows of q/k/v live while one needs them
+        if self._per_sample is not None:
+            grad = self._per_sample.sum(0)
+        else:
+            grad = sum(  # (d_out, d_in), sub-batch by sub-batch
+                torch.einsum("bto,bti->oi", _wide(d), _wide(x))
+                for x, d in zip(self.xs, self.deltas, strict=True)
+            )
+        return (grad / self.samples).reshape(w.shape).to(w.dtype)
 
     def per_sample_block_gradients(self, idx: Any) -> torch.Tensor:
         """``(N, n)`` float64 per-sample gradients of the flat weight indices idx."""
         _, d_in = weight_matrix_shape(self.module)
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.module.weight.device)
+        if self._per_sample is not None:
+            return self._per_sample[:, idx].to(torch.float64)
         rows, cols = idx // d_in, idx % d_in
         parts = [  # (b, n) per sub-batch: sum over T of delta * x
             (_wide(d[..., rows]) * _wide(x[..., cols])).sum(1)
@@ -227,7 +257,10 @@ class LayerTape:
 
     def nbytes(self) -> int:
         """Bytes of the tensors held (a storage shared with another tape counts)."""
-        return sum(t.numel() * t.element_size() for t in self.xs + self.deltas)
+        held = self.xs + self.deltas
+        if self._per_sample is not None:
+            held.append(self._per_sample)
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 def record_layers(

@@ -15,7 +15,8 @@ the solutions in order, the same as solving them one by one with those seeds.
 This module is the only place where problems are solved concurrently: backends
 only ``solve`` one problem (with :meth:`Backend.in_batch` to configure a batch).
 Every answer is checked against its problem here, wherever it was solved
-(:func:`checked_answer`).
+(:func:`checked_answer`). While solves run side by side, numpy's BLAS runs on one
+thread (:func:`one_blas_thread`).
 
 Example:
     >>> from icbs_opt.backends import get_backend
@@ -43,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from icbs_opt.backends import Backend, Solution, backend_class, get_backend
 from icbs_opt.backends.base import check_seed
@@ -175,7 +177,42 @@ class ThreadExecutor(Executor):
                 for i, (problem, seed, x0) in enumerate(jobs):
                     yield i, solver.solve(problem, seed=seed, x0=x0)
             else:
-                yield from _in_threads(solver, jobs, threads)
+                with one_blas_thread():
+                    yield from _in_threads(solver, jobs, threads)
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """Numpy's BLAS on one thread, for the whole process, until the block ends.
+
+    For work that is already parallel (solves side by side, or solves beside the
+    pruner's torch work): BLAS threads of one small product each would wait for
+    cores the others hold, which made a pass of 128 SmolLM2 blocks spend 3 s in
+    ``x^T Q x`` on 2 cores (docs/benchmarks.md, issue 20). Torch's own threads
+    are left as they are.
+    """
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's intra-op threads set to ``threads`` (None: unchanged) in the block.
+
+    For small products, where more threads only wait on each other: the
+    pruner builds problems on one thread while a chunk is solved beside it
+    (waiting threads would hold the solver's cores), and the digits MLP trains
+    on one.
+    """
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _in_threads(

@@ -293,6 +293,28 @@ def test_layer_tape_matches_autograd_and_runs_once():
     assert record.seconds.forward_backward > 0
 
 
+@pytest.mark.parametrize(("tokens", "replaced"), [(12, True), (1, False)])
+def test_tape_keeps_per_sample_gradients_only_where_smaller(tokens, replaced):
+    # long sequences: the layer's per-sample gradients replace the rows once the
+    # gradient forms them; one token per sample: the rows are smaller and stay
+    model, llm = llama()
+    module = model.get_submodule("model.layers.1.mlp.up_proj")  # 16 -> 32
+    X = torch.randint(
+        0, 32, (5, tokens + 1), generator=torch.Generator().manual_seed(6)
+    )
+    (tape,), _ = record_layers(model, llm.causal_lm_loss, X, X, [module])
+    idx = torch.randperm(module.weight.numel(), generator=torch.Generator())[:40]
+    rows_bytes, before = tape.nbytes(), tape.per_sample_block_gradients(idx)
+    (grad,) = layer_gradients(model, llm.causal_lm_loss, X, X, [module])
+    torch.testing.assert_close(tape.gradient(), grad, atol=1e-6, rtol=0)
+    assert (tape.xs == []) is replaced
+    assert tape.nbytes() <= rows_bytes
+    torch.testing.assert_close(
+        tape.per_sample_block_gradients(idx), before, atol=1e-6, rtol=1e-6
+    )
+    torch.testing.assert_close(tape.gradient(), grad, atol=1e-6, rtol=0)  # again
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_recording_every_layer_equals_recording_each_alone(dtype):
     # q/k/v and gate/up share their input; every tape must see its own layer's

@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from threadpoolctl import threadpool_info
 
 from icbs_opt.backends import available_backends, backend_class, get_backend
 from icbs_opt.cli import main
@@ -21,6 +23,7 @@ from icbs_opt.executors import (
     _solve_on_worker,
     make_executor,
     solve_many,
+    torch_threads,
 )
 from icbs_opt.problems import BlockProblem, random_problem
 from tests.tiny import FAST_OPTIONS, local_cluster
@@ -286,6 +289,30 @@ def test_threads_stop_after_a_failure():
     with pytest.raises(ProblemError, match="boom"):
         solve_many(Failing(), problems, range(50), workers=2)
     assert len(calls) < 50  # the queued solves were cancelled
+
+
+def blas_threads():
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_solves_side_by_side_run_numpy_blas_on_one_thread():
+    seen = []
+
+    class Probe(type(get_backend("exhaustive"))):
+        def _solve(self, problem, *, seed, x0):
+            seen.append(blas_threads())
+            return super()._solve(problem, seed=seed, x0=x0)
+
+    before = blas_threads()
+    problems = [random_problem(4, 2, seed=i) for i in range(4)]
+    solve_many(Probe(), problems, range(4), workers=2)
+    assert seen == [{1}] * 4 and blas_threads() == before  # restored after
+    before_torch = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    with pytest.raises(ProblemError), torch_threads(1):
+        raise ProblemError("boom")
+    assert torch.get_num_threads() == before_torch
 
 
 # ------------------------------------- answers are checked where they arrive

@@ -31,7 +31,7 @@ from icbs_opt.derivatives import (
     record_layers,
 )
 from icbs_opt.errors import BackendError, PruningError
-from icbs_opt.executors import make_executor
+from icbs_opt.executors import make_executor, one_blas_thread, torch_threads
 from icbs_opt.problems import BlockProblem
 from icbs_opt.pruning.init import initial_prune
 from icbs_opt.pruning.refit import refit as refit_layers
@@ -285,7 +285,8 @@ class Pruner:
         A pass of hundreds of blocks holds few problems at once, and a layer's
         tape is freed after its last block. When every block's derivatives come
         from a tape (so they do not depend on the moves), a chunk's problems are
-        built while the previous chunk is solved.
+        built while the previous chunk is solved, on one torch thread and one
+        numpy BLAS thread: the other cores are the solver's.
 
         Returns:
             Seconds spent building problems, and solving them (not overlapped).
@@ -294,7 +295,9 @@ class Pruner:
         overlap = all(b.layer.name in tapes for b in work if b.can_move)
         seconds = {"qubo": 0.0, "solve": 0.0}
         pending: tuple[list[tuple[int, BlockModel]], Future] | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="icbs-solve") as pool:
+        solves = ThreadPoolExecutor(1, thread_name_prefix="icbs-solve")
+        threads = torch_threads(1 if overlap else None)
+        with solves as pool, one_blas_thread(), threads:
             try:
                 for start in range(0, len(work), SOLVE_CHUNK):
                     t = time.perf_counter()

@@ -6,7 +6,6 @@ The model is trained on first use by a fixed recipe and cached (see
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icbs_opt.errors import DataError
+from icbs_opt.executors import torch_threads
 from icbs_opt.tasks import Task
 from icbs_opt.tasks.options import DigitsOptions
 
@@ -117,21 +117,6 @@ def classifier_evaluator(
             return {"metric": acc, "loss": F.cross_entropy(logits, y).item()}
 
     return evaluate
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)``, then restore the count.
-
-    For tiny models, more CPU threads only add synchronisation; on a busy machine
-    they can make training many times slower.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def train_digits_mlp(

@@ -23,6 +23,26 @@ def test_symmetrises_and_keeps_energies():
     assert not p.Q.flags.writeable
 
 
+def test_any_layout_of_q_gives_the_same_problem_and_no_alias():
+    Q = np.random.default_rng(0).standard_normal((7, 7))
+    expect = (Q + Q.T) / 2.0
+    locked = Q.copy()
+    locked.flags.writeable = False
+    strided = np.kron(Q, np.ones((2, 2)))[::2, ::2]  # Q, not contiguous
+    for given in (Q, locked, np.asfortranarray(Q), Q[::-1, ::-1], strided,
+                  Q.tolist(), Q.astype(np.float32)):  # fmt: skip
+        p = BlockProblem(given, 3)
+        G = np.asarray(given, dtype=np.float64)
+        assert np.array_equal(p.Q, (G + G.T) / 2.0)
+    p = BlockProblem(Q, 3)
+    assert np.array_equal(p.Q, expect)
+    Q[0, 1] = 100.0  # the problem holds its own matrix
+    assert p.Q[0, 1] == expect[0, 1]
+    # +inf and -inf across the diagonal cancel to nan: named as Q's entry
+    with pytest.raises(ProblemError, match=r"finite, got inf at index \(0, 1\)"):
+        BlockProblem(np.array([[0.0, np.inf], [-np.inf, 0.0]]), 1)
+
+
 @pytest.mark.parametrize(
     ("Q", "k", "match"),
     [
@@ -130,6 +150,18 @@ def test_scaled_problem():
     p, scale = BlockProblem(Q, 1).scaled()
     assert scale == pytest.approx(1 / np.mean([2.0, 1e-14, 1e-14, 4.0]))
     assert p.Q[0, 1] == 0.0 and p.Q[0, 0] == pytest.approx(2.0 * scale)
+
+
+@pytest.mark.parametrize("zeros", [0, 5])
+def test_scaled_is_the_mean_of_nonzero_magnitudes(zeros):
+    Q = np.random.default_rng(1).standard_normal((6, 6))
+    Q.flat[:zeros] = 0.0  # dense, and with zeros left out of the mean
+    p = BlockProblem(Q, 2)
+    A = np.abs(p.Q)
+    expect = 1.0 / float(A[A > 0].mean())
+    s, scale = p.scaled()
+    assert scale == expect  # the same bits
+    assert np.array_equal(s.Q, p.Q * expect)
 
 
 def test_negative_entries_survive_the_cutoff():
