@@ -87,7 +87,14 @@ def test_per_sample_conv_matches_brute_force(layer):
     X, y = torch.randn(6, 3, 12, 12), torch.randint(0, 3, (6,))
     mod = model[layer]
     G = per_sample_block_gradients(model, ce_loss, X, y, mod, IDX)
-    torch.testing.assert_close(G, brute_per_sample(model, ce_loss, X, y, mod, IDX))
+    brute = brute_per_sample(model, ce_loss, X, y, mod, IDX)
+    torch.testing.assert_close(G, brute)
+    # a tape's per-sample gradients of the whole layer (smaller than its patches)
+    (tape,), _ = record_layers(model, ce_loss, X, y, [mod], max_batch_size=4)
+    (grad,) = layer_gradients(model, ce_loss, X, y, [mod])
+    torch.testing.assert_close(tape.gradient(), grad)
+    assert tape.xs == []
+    torch.testing.assert_close(tape.per_sample_block_gradients(IDX), brute)
 
 
 def test_per_sample_shared_module_sums_calls():
