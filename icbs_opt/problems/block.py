@@ -211,6 +211,48 @@ def _cqm_count(label: Any, comparison: Any) -> int:
     return int(k)
 
 
+def _cqm_groups(
+    cqm: Any, labels: list[Any], index: Mapping[Any, int]
+) -> tuple[np.ndarray, list[int]]:
+    """``(n,)`` group of each variable and the count of each group, of a CQM."""
+    groups = np.full(len(labels), -1, dtype=np.int64)
+    counts = []
+    constraints = _cqm_group_order(cqm, index)
+    for g, (label, comparison) in enumerate(constraints):
+        counts.append(_cqm_count(label, comparison))
+        for v in comparison.lhs.variables:
+            if groups[index[v]] >= 0:
+                other = constraints[groups[index[v]]][0]
+                raise ProblemError(
+                    f"constraint {label!r}: variable {v!r} is also in constraint "
+                    f"{other!r}; the groups of sum(x) == k must be disjoint"
+                )
+            groups[index[v]] = g
+    free = np.flatnonzero(groups < 0)
+    if free.size:
+        raise ProblemError(
+            f"variable {labels[free[0]]!r} is in no constraint; every variable "
+            "must be in exactly one constraint sum(x) == k"
+        )
+    return groups, counts
+
+
+def _cqm_matrix(
+    objective: Any, labels: list[Any], index: Mapping[Any, int]
+) -> np.ndarray:
+    """The symmetric Q of a CQM objective with no offset."""
+    if objective.offset != 0:
+        raise ProblemError(
+            f"the objective x^T Q x has no offset, got offset {objective.offset}"
+        )
+    Q = np.zeros((len(labels), len(labels)))
+    Q[np.diag_indices(len(labels))] = [objective.get_linear(v) for v in labels]
+    for u, v, bias in objective.iter_quadratic():
+        Q[index[u], index[v]] += bias / 2.0
+        Q[index[v], index[u]] += bias / 2.0
+    return Q
+
+
 def _short(values: np.ndarray, limit: int = 6) -> str:
     """``[a, b, c]``, or ``[a, b, c, ..., z]`` for more than ``limit`` values."""
     items = [str(v) for v in values.tolist()]
@@ -569,35 +611,8 @@ class BlockProblem:
                 raise ProblemError(
                     f"variable {v!r} must be BINARY, got {cqm.vartype(v).name}"
                 )
-        groups = np.full(len(labels), -1, dtype=np.int64)
-        counts = []
-        constraints = _cqm_group_order(cqm, index)
-        for g, (label, comparison) in enumerate(constraints):
-            counts.append(_cqm_count(label, comparison))
-            for v in comparison.lhs.variables:
-                if groups[index[v]] >= 0:
-                    other = constraints[groups[index[v]]][0]
-                    raise ProblemError(
-                        f"constraint {label!r}: variable {v!r} is also in constraint "
-                        f"{other!r}; the groups of sum(x) == k must be disjoint"
-                    )
-                groups[index[v]] = g
-        free = np.flatnonzero(groups < 0)
-        if free.size:
-            raise ProblemError(
-                f"variable {labels[free[0]]!r} is in no constraint; every variable "
-                "must be in exactly one constraint sum(x) == k"
-            )
-        objective = cqm.objective
-        if objective.offset != 0:
-            raise ProblemError(
-                f"the objective x^T Q x has no offset, got offset {objective.offset}"
-            )
-        Q = np.zeros((len(labels), len(labels)))
-        Q[np.diag_indices(len(labels))] = [objective.get_linear(v) for v in labels]
-        for u, v, bias in objective.iter_quadratic():
-            Q[index[u], index[v]] += bias / 2.0
-            Q[index[v], index[u]] += bias / 2.0
+        groups, counts = _cqm_groups(cqm, labels, index)
+        Q = _cqm_matrix(cqm.objective, labels, index)
         grouped = len(counts) > 1
         return cls(
             Q, counts if grouped else counts[0], groups=groups if grouped else None
