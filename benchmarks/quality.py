@@ -33,7 +33,7 @@ import torch
 from smollm2 import PRESET, add_task_args, load_task, make_pruner
 
 from icbs_opt.pruning import nonzero_density
-from icbs_opt.zeroshot import format_zero_shot, resolve_zero_shot
+from icbs_opt.zeroshot import DTYPES, format_zero_shot, resolve_zero_shot
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "icbs", "icbs+refit",
            "icbs-wikitext")  # fmt: skip
@@ -66,8 +66,13 @@ class Bench:
         ppl_seconds = time.perf_counter() - t
         zs = None
         if self.zero_shot:
-            zs = task.zero_shot(task.model, self.zero_shot, self.args.limit,
-                                progress=False)  # fmt: skip
+            zs = task.zero_shot(
+                task.model,
+                self.zero_shot,
+                self.args.limit,
+                dtype=self.args.zero_shot_dtype,
+                progress=False,
+            )
         row = {
             "sparsity": sparsity,
             "method": method,
@@ -142,6 +147,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--icbs-minutes", nargs="+", type=float, default=[5.0, 30.0])
     p.add_argument("--zero-shot", default="paper", help="tasks ('' for none)")
     p.add_argument("--limit", type=int, help="zero-shot examples per task")
+    p.add_argument("--zero-shot-dtype", choices=DTYPES, default="float32",
+                   help="precision of the zero-shot forward passes")  # fmt: skip
     add_task_args(p)
     args = p.parse_args()
     args.icbs_minutes = sorted(args.icbs_minutes)

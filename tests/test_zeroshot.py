@@ -172,6 +172,42 @@ def test_every_task_equals_a_direct_computation(lm, data):
     assert "acc_norm" not in result["tasks"]["boolq"]
 
 
+def test_models_not_packed_are_scored_by_lm_eval(data, monkeypatch):
+    from icbs_opt.zeroshot import packed
+
+    tok = word_tokenizer()
+    tok.eos_token = "<unk>"
+    model = tiny_llama(vocab=len(WORDS) + 1, seed=3)
+    model.config.final_logit_softcapping = 30.0  # Llama ignores it; not packable
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("packed.score ran on a model it cannot pack")
+
+    monkeypatch.setattr(packed, "score", refuse)
+    result = zeroshot.evaluate_zero_shot(
+        model, tok, ["arc_easy", "winogrande"], data_dir=data, progress=False
+    )
+    for name in ("arc_easy", "winogrande"):
+        assert result["tasks"][name]["acc"] == pytest.approx(
+            expected(model, tok, name, data)[0]
+        )
+
+
+def test_bfloat16_evaluation_leaves_the_model(lm, data):
+    model, tok = lm
+    before = [p.clone() for p in model.parameters()]
+    result = zeroshot.evaluate_zero_shot(
+        model, tok, ["arc_easy"], data_dir=data, dtype="bfloat16", progress=False
+    )
+    assert result["dtype"] == "bfloat16" and result["tasks"]["arc_easy"]["examples"]
+    assert all(
+        p.dtype == torch.float32 and torch.equal(p, q)
+        for p, q in zip(model.parameters(), before, strict=True)
+    )
+    with pytest.raises(DataError, match="one of float32, bfloat16, not 'float16'"):
+        zeroshot.evaluate_zero_shot(model, tok, ["rte"], data_dir=data, dtype="float16")
+
+
 def test_limit_takes_the_first_examples(lm, data):
     model, tok = lm
     result = zeroshot.evaluate_zero_shot(
@@ -227,6 +263,8 @@ def test_cli_evaluate_and_prune_run_zero_shot(lm, data, text_dir, tmp_path, caps
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in text_data(text_dir).items()]
     flags += ["--data-dir", str(data), "--seq-len", "16", "--calib-windows", "4"]
     argv = ["evaluate", "--model", str(tmp_path / "m"), *flags, "--zero-shot"]
+    assert main([*argv[:-1], "--zero-shot-dtype", "bfloat16"]) == 2
+    assert "--zero-shot-dtype needs --zero-shot" in capsys.readouterr().err
     assert main([*argv, "rte,piqa", "--limit", "3", "--json", "-"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert list(record["zero_shot"]["tasks"]) == ["rte", "piqa"]

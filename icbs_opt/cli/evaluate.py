@@ -119,7 +119,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if zero_shot:
         progress = not args.no_progress and sys.stderr.isatty()
         result["zero_shot"] = task.zero_shot(
-            task.model, zero_shot, args.limit, progress=progress
+            task.model,
+            zero_shot,
+            args.limit,
+            dtype=args.zero_shot_dtype or "float32",
+            progress=progress,
         )
     if args.json != "-":
         _print_evaluation(result, scores)

@@ -24,7 +24,7 @@ from icbs_opt.errors import DataError
 from icbs_opt.settings import PruneConfig, RunSettings
 from icbs_opt.tasks import TaskSpec, task_names, task_spec
 from icbs_opt.tasks.options import TextOptions
-from icbs_opt.zeroshot import PAPER_TASKS, check_zero_shot, resolve_zero_shot
+from icbs_opt.zeroshot import DTYPES, PAPER_TASKS, check_zero_shot, resolve_zero_shot
 
 #: Flags of a run's settings that are not fields of a dataclass.
 OTHER_FLAGS = {
@@ -194,7 +194,7 @@ def given_task_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_zero_shot_flags(parser: argparse.ArgumentParser) -> None:
-    """Add ``--zero-shot TASKS`` and ``--limit N``."""
+    """Add ``--zero-shot TASKS``, ``--limit N`` and ``--zero-shot-dtype``."""
     group = parser.add_argument_group("zero-shot evaluation (causal LMs; lm-eval)")
     group.add_argument(
         "--zero-shot",
@@ -206,6 +206,13 @@ def add_zero_shot_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--limit", type=int, metavar="N", help="zero-shot: first N examples per task"
     )
+    group.add_argument(
+        "--zero-shot-dtype",
+        choices=DTYPES,
+        help="zero-shot: precision of the forward passes (default float32; "
+        "bfloat16 runs the matrix products under autocast, about 2x faster on CPUs "
+        "with AVX-512 BF16, log-likelihoods within a few percent)",
+    )
 
 
 def zero_shot_tasks(
@@ -214,12 +221,14 @@ def zero_shot_tasks(
     """The zero-shot tasks asked for, with lm-eval and their files found.
 
     Raises:
-        DataError: For ``--limit`` without ``--zero-shot`` or below 1, a task
+        DataError: For ``--limit`` or ``--zero-shot-dtype`` without
+            ``--zero-shot``, a ``--limit`` below 1, a task
             without a causal LM, an unknown zero-shot task or a missing file.
     """
     if args.zero_shot is None:
-        if args.limit is not None:
-            raise DataError("--limit needs --zero-shot")
+        for flag in ("limit", "zero_shot_dtype"):
+            if getattr(args, flag) is not None:
+                raise DataError(f"--{flag.replace('_', '-')} needs --zero-shot")
         return None
     if not isinstance(options, TextOptions):
         raise DataError(

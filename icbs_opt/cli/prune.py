@@ -132,6 +132,7 @@ class PrunePlan:
         resume: The checkpoint file this run continues (None: a new run).
         zero_shot: Zero-shot tasks evaluated after pruning (None: none).
         limit: Examples per zero-shot task (None: all).
+        zero_shot_dtype: Precision of the zero-shot forward passes.
         stale: Checkpoints of earlier runs in the output folders, removed
             (``--overwrite``) once this run starts pruning.
         checkpoint_failed: Whether a checkpoint could not be written (said once).
@@ -148,6 +149,7 @@ class PrunePlan:
     resume: str | None = None
     zero_shot: list[str] | None = None
     limit: int | None = None
+    zero_shot_dtype: str = "float32"
     harvest_format: str = "npz"
     stale: list[str] = dataclasses.field(default_factory=list)
     checkpoint_failed: bool = False
@@ -197,6 +199,7 @@ def _plan(args: argparse.Namespace) -> PrunePlan:
         resume=checkpoint_file(args.resume) if saved else None,
         zero_shot=zero_shot_tasks(args, spec, options),
         limit=args.limit,
+        zero_shot_dtype=args.zero_shot_dtype or "float32",
         harvest_format=args.harvest_format,
         stale=stale,
     )
@@ -314,7 +317,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print_stop(plan.outputs, summary, failed)
     elif plan.zero_shot:  # after the outputs: an interrupt here loses nothing
         summary["zero_shot"] = task.zero_shot(
-            task.model, plan.zero_shot, plan.limit, progress=plan.progress
+            task.model,
+            plan.zero_shot,
+            plan.limit,
+            dtype=plan.zero_shot_dtype,
+            progress=plan.progress,
         )
         if plan.outputs.get("json") != "-":
             print("\n".join(format_zero_shot(summary["zero_shot"])))

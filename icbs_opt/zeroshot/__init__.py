@@ -4,7 +4,9 @@ The tasks are lm-eval task definitions shipped in ``icbs_opt/zeroshot/tasks/``
 (one YAML file each, with lm-eval's own prompts), reading the local files under
 ``<data folder>/zeroshot/`` (see :mod:`icbs_opt.tasks.corpora` for where the data
 folder is looked for). lm-eval's built-in task index is not loaded and nothing is
-downloaded: the examples are read into memory by ``tasks/loaders.py``.
+downloaded: the examples are read into memory by ``tasks/loaders.py``. lm-eval's
+HF wrapper scores the requests through :mod:`icbs_opt.zeroshot.packed` (each
+context run once for all its continuations).
 
 ``paper`` names the seven tasks the iCBS paper, Wanda and SparseGPT report
 (boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa); ``all``
@@ -49,8 +51,10 @@ PAPER_TASKS = (
 #: Every task shipped: the paper's seven, then piqa and lambada_openai.
 ALL_TASKS = (*PAPER_TASKS, "piqa", "lambada_openai")
 EVAL_EXTRA_INSTALL = 'pip install "icbs-opt[eval]"'
-#: Windows of examples per forward pass of lm-eval's HF wrapper.
+#: Requests per forward pass where lm-eval's HF wrapper scores them itself.
 DEFAULT_BATCH_SIZE = 16
+#: Precisions of the zero-shot forward passes (``--zero-shot-dtype``).
+DTYPES = ("float32", "bfloat16")
 
 
 def resolve_zero_shot(spec: str) -> list[str]:
@@ -126,6 +130,19 @@ def _offline_and_quiet() -> Iterator[None]:
             log.setLevel(level)
 
 
+@contextlib.contextmanager
+def _precision(model: Any, dtype: str) -> Iterator[None]:
+    """Autocast to bfloat16 for ``dtype == "bfloat16"``; nothing for float32."""
+    if dtype == "float32":
+        yield
+        return
+    import torch
+
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16):
+        yield
+
+
 def evaluate_zero_shot(
     model: Any,
     tokenizer: Any,
@@ -134,6 +151,8 @@ def evaluate_zero_shot(
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: str = "float32",
+    pack: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of an in-memory causal LM on ``tasks`` with lm-eval.
@@ -144,7 +163,14 @@ def evaluate_zero_shot(
         tasks: Names from :data:`ALL_TASKS`.
         data_dir: The data folder holding ``zeroshot/``.
         limit: At most this many examples per task (the first ones); None: all.
-        batch_size: Requests per forward pass.
+        batch_size: Requests per forward pass, for models whose requests are not
+            packed (see :func:`icbs_opt.zeroshot.packed.packable`).
+        dtype: ``float32``, or ``bfloat16`` to run the matrix products in
+            bfloat16 under autocast (about 1.5x faster on CPUs with AVX-512
+            BF16; the model's weights are left as they are).
+        pack: Score the continuations of a context behind one copy of it
+            (:mod:`icbs_opt.zeroshot.packed`, 1.5x to 2x faster, the same
+            log-likelihoods); False: lm-eval's own one row per pair.
         progress: Show lm-eval's progress bar.
 
     Returns:
@@ -161,16 +187,23 @@ def evaluate_zero_shot(
     if limit is not None:
         check_int(limit, "--limit", minimum=1, error=DataError)
     check_int(batch_size, "batch_size", minimum=1, error=DataError)
+    if dtype not in DTYPES:
+        raise DataError(
+            f"zero-shot dtype must be one of {', '.join(DTYPES)}, not {dtype!r}"
+        )
     names = resolve_zero_shot(",".join(tasks))  # unknown or repeated: one line
     folder = check_zero_shot(names, data_dir)
     start = time.perf_counter()
     with _offline_and_quiet():
-        raw = _run_lm_eval(model, tokenizer, names, folder, limit, batch_size, progress)
+        raw = _run_lm_eval(
+            model, tokenizer, names, folder, limit, batch_size, dtype, pack, progress
+        )
     per_task = {name: _task_scores(raw, name) for name in names}
     return {
         "tasks": per_task,
         **_means(per_task),
         "limit": limit,
+        "dtype": dtype,
         "seconds": time.perf_counter() - start,
     }
 
@@ -182,19 +215,17 @@ def _run_lm_eval(
     folder: Path,
     limit: int | None,
     batch_size: int,
+    dtype: str,
+    pack: bool,
     progress: bool,
 ) -> dict[str, Any]:
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    class _LM(HFLM):  # lm-eval's HF wrapper, with its progress bar on or off
-        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
-            return super().loglikelihood(requests, disable_tqdm or not progress)
-
     device = next(model.parameters()).device
-    lm = _LM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-             device=str(device))  # fmt: skip
+    lm = _wrapper(dtype, pack, progress)(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device)
+    )
     manager = TaskManager(
         include_path=str(TASK_DIR),
         include_defaults=False,
@@ -212,6 +243,46 @@ def _run_lm_eval(
     if results is None:
         raise DataError("lm-eval returned no results")
     return results
+
+
+def _wrapper(dtype: str, pack: bool, progress: bool) -> type:
+    """lm-eval's HF wrapper class, scoring through :func:`packed.score` if it can."""
+    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    from icbs_opt.zeroshot import packed
+    from icbs_opt.zeroshot.packed import packable
+
+    class _LM(HFLM):  # lm-eval's HF wrapper, scoring through packed.score
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm or not progress)
+
+        def _loglikelihood_tokens(
+            self, requests: Any, disable_tqdm: bool = False, override_bs: Any = None
+        ) -> list[tuple[float, bool]]:
+            with _precision(self.model, dtype):
+                if not (pack and packable(self.model)):
+                    return super()._loglikelihood_tokens(
+                        requests, disable_tqdm, override_bs
+                    )
+                bar = tqdm(
+                    total=len(requests),
+                    disable=disable_tqdm,
+                    desc="Running loglikelihood requests",
+                )
+                with bar:
+                    answers = packed.score(
+                        self.model,
+                        requests,
+                        max_length=self.max_length,
+                        on_done=bar.update,
+                    )
+            for (key, _, _), answer in zip(requests, answers, strict=True):
+                if key is not None:  # None: a rolling window, cached by lm-eval
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return answers
+
+    return _LM
 
 
 def _task_scores(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -272,4 +343,6 @@ def format_zero_shot(result: dict[str, Any]) -> list[str]:
         lines.append(f"{'mean':>15}  {mean:>15}")
     if result.get("limit"):
         lines.append(f"(first {result['limit']} examples per task: --limit)")
+    if result.get("dtype", "float32") != "float32":
+        lines.append(f"({result['dtype']} forward passes: --zero-shot-dtype)")
     return lines
