@@ -210,8 +210,8 @@ def add_zero_shot_flags(parser: argparse.ArgumentParser) -> None:
         "--zero-shot-dtype",
         choices=DTYPES,
         help="zero-shot: precision of the forward passes (default float32; "
-        "bfloat16 runs the matrix products under autocast, about 2x faster on CPUs "
-        "with AVX-512 BF16, log-likelihoods within a few percent)",
+        "bfloat16 runs the matrix products under autocast, about 1.5x faster on "
+        "CPUs with AVX-512 BF16, log-likelihoods within a few percent)",
     )
 
 

@@ -251,7 +251,6 @@ def _wrapper(dtype: str, pack: bool, progress: bool) -> type:
     from tqdm.auto import tqdm
 
     from icbs_opt.zeroshot import packed
-    from icbs_opt.zeroshot.packed import packable
 
     class _LM(HFLM):  # lm-eval's HF wrapper, scoring through packed.score
         def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
@@ -261,7 +260,7 @@ def _wrapper(dtype: str, pack: bool, progress: bool) -> type:
             self, requests: Any, disable_tqdm: bool = False, override_bs: Any = None
         ) -> list[tuple[float, bool]]:
             with _precision(self.model, dtype):
-                if not (pack and packable(self.model)):
+                if not (pack and packed.packable(self.model)):
                     return super()._loglikelihood_tokens(
                         requests, disable_tqdm, override_bs
                     )

@@ -86,7 +86,11 @@ def pack(requests: Sequence[Request], max_length: int) -> list[_Row]:
 def _batch(
     rows: list[_Row], eager_dtype: torch.dtype | None, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Inputs of one forward pass; ``scored`` and ``targets`` index its outputs."""
+    """Inputs of one forward pass and the outputs it scores.
+
+    ``rows``/``cols`` pick the scored outputs, ``targets`` their tokens and
+    ``owner`` (on the CPU) their requests.
+    """
     width = rows[0].length
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
@@ -124,7 +128,7 @@ def _batch(
         "rows": index[:, 0].to(device),
         "cols": index[:, 1].to(device),
         "targets": torch.tensor(targets, dtype=torch.long, device=device),
-        "owner": torch.tensor(owner, dtype=torch.long, device=device),
+        "owner": torch.tensor(owner, dtype=torch.long),
     }
 
 
@@ -172,9 +176,8 @@ def score(
         logits = head(hidden[inputs["rows"], inputs["cols"]]).float()
         picked = logits.log_softmax(-1).gather(1, inputs["targets"][:, None])[:, 0]
         wrong = (logits.argmax(-1) != inputs["targets"]).long()
-        owner = inputs["owner"].cpu()
-        total.index_add_(0, owner, picked.double().cpu())
-        missed.index_add_(0, owner, wrong.cpu())
+        total.index_add_(0, inputs["owner"], picked.double().cpu())
+        missed.index_add_(0, inputs["owner"], wrong.cpu())
         if on_done is not None:
             on_done(sum(len(row.members) for row in chunk))
         start = stop
